@@ -1,0 +1,113 @@
+"""Model, loss and post-processing settings: the one source of truth for their defaults.
+
+The dataclass defaults *are* MaX-DeepLab-S for COCO as configured by deeplab2's model-zoo textprotos
+(spec §1-6; `configs/coco/max_deeplab/*.textproto`). Other named variants are data: `VARIANTS` maps a
+name to the fields it overrides, applied before the experiment YAML (DESIGN §3).
+
+This module is pure Python: `models/` never imports `platform/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DROP_PATH_SCHEDULES = ("constant", "linear")
+POSTPROCESS_MODES = ("pixelwise", "maskwise")
+NEGATIVE_WEIGHTINGS = ("void_ratio", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """MaX-DeepLab architecture (spec §1-3). Defaults: MaX-DeepLab-S, output stride 16."""
+
+    variant: str = "max_deeplab_s"
+    num_classes: int = 133  # real classes (things + stuff); the heads add void. COCO: 80 + 53.
+    # Semantic ids 1..num_thing_classes are things, the rest stuff (spec §7.3; deeplab2 thing list
+    # range(1, 81)). Used by the loss targets (stuff mask columns) and post-processing.
+    num_thing_classes: int = 80
+    # Backbone (ResNet-50-beta + axial attention from stride 16).
+    num_blocks: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    stem_channels: int = 128  # Inception stem output (64 in its first two convs)
+    base_filters: int = 64  # stage-2 bottleneck width f; doubles per stage
+    use_axial_beyond_stride: int = 16
+    axial_num_heads: int = 8
+    axial_key_expansion: float = 1.0
+    axial_value_expansion: float = 2.0
+    attention_bottleneck_expansion: float = 2.0
+    rpe_length: int = 509  # relative-position table length (covers any crop <= 2049 at stride 16... 8)
+    # Dual-path transformer (spec §2).
+    num_mask_slots: int = 128
+    memory_channels: int = 256
+    transformer_expansion: float = 1.0  # DPT filters = 128 * expansion
+    transformer_ffn_channels: int = 2048
+    global_ffn_channels: int = 256
+    extra_blocks: int = 1  # stage5_extra axial blocks, each followed by a dual-path layer
+    # Pixel decoder and heads (spec §3).
+    pixel_embed_dim: int = 128
+    pixel_head_channels: int = 256
+    mask_logit_bn_gamma_init: float = 0.1
+    void_prior_prob: float = 0.9  # class-head void bias log((K)*0.9/0.1) (spec §3.2)
+    use_aux_semantic: bool = True  # the auxiliary semantic decoder (a training signal)
+    aspp_channels: int = 256
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    low_level_channels: list[int] = field(default_factory=lambda: [64, 32])
+    semantic_decoder_channels: int = 256
+    # Regularisation and normalisation (spec §1.7-1.8).
+    drop_path_keep_prob: float = 0.8
+    drop_path_schedule: str = "linear"  # deeplab2's default is 'constant'; every COCO config uses 'linear'
+    drop_path_beyond_stride: int = 16
+    bn_momentum: float = 0.01  # Keras 0.99
+    bn_eps: float = 1e-3
+    # Engineering switches (no effect on the maths).
+    use_checkpointing: bool = False  # recompute axial blocks in backward (deeplab2 does, to fit memory)
+    init_checkpoint: str = ""  # a backbone or full checkpoint (.pt) to start from
+
+
+@dataclass
+class LossConfig:
+    """MaX-DeepLab losses (spec §4). Total = sum of weight * term."""
+
+    pq_style_weight: float = 3.0
+    mask_id_weight: float = 0.3
+    instance_discrimination_weight: float = 1.0
+    semantic_weight: float = 1.0
+    alpha: float = 0.75  # focal_loss_alpha: positives 0.75, negatives 0.25
+    temperature: float = 0.3  # instance discrimination tau
+    negative_weighting: str = "void_ratio"  # deeplab2's code; 'constant' is the paper's form
+    max_thing_id: int = 128  # deeplab2's max_thing_id; instances beyond it stay unmatched
+    small_instance_weight: float = 1.0  # L variant: 3.0 on thing instances < small_instance_area px
+    small_instance_area: int = 4096
+
+
+@dataclass
+class PostprocessConfig:
+    """Panoptic inference (spec §6). Area limits are for the 641 crop (256 / 4096 at 1025)."""
+
+    mode: str = "pixelwise"
+    class_threshold: float = 0.7
+    pixel_threshold: float = 0.4
+    thing_area_limit: int = 100
+    stuff_area_limit: int = 1600
+    label_divisor: int = 256
+    # maskwise-only (spec §6.2)
+    overlap_threshold: float = 0.5
+    reorder_class_weight: float = 1.0  # maskwise rank = conf^this * mean_mask_prob^mask weight
+    reorder_mask_weight: float = 0.0
+
+
+# Named variants: the fields each one overrides on top of the MaX-DeepLab-S defaults.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "max_deeplab_s": {},
+}
+
+
+def variant_overrides(name: str) -> dict[str, Any]:
+    """Return the ModelConfig fields that the named variant overrides.
+
+    Raises:
+        KeyError: the variant is unknown (the message lists the known ones).
+    """
+    if name not in VARIANTS:
+        raise KeyError(f"unknown model variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
+    return dict(VARIANTS[name])
