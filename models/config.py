@@ -1,8 +1,8 @@
 """Model, loss and post-processing settings: the one source of truth for their defaults.
 
 The dataclass defaults *are* MaX-DeepLab-S for COCO as configured by deeplab2's model-zoo textprotos
-(spec §1-6; `configs/coco/max_deeplab/*.textproto`). Other named variants are data: `VARIANTS` maps a
-name to the fields it overrides, applied before the experiment YAML (DESIGN §3).
+(spec §1-6; `configs/coco/max_deeplab/*.textproto`). Other named variants are data: `VARIANTS`
+maps a name to the fields it overrides, applied before the experiment YAML (DESIGN §3).
 
 This module is pure Python: `models/` never imports `platform/`.
 """
@@ -28,6 +28,7 @@ class ModelConfig:
     num_thing_classes: int = 80
     # Backbone (ResNet-50-beta + axial attention from stride 16).
     num_blocks: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    backbone_type: str = "resnet_beta"  # Inception stem + bottlenecks; L: 'wider_resnet'
     stem_channels: int = 128  # Inception stem output (64 in its first two convs)
     base_filters: int = 64  # stage-2 bottleneck width f; doubles per stage
     use_axial_beyond_stride: int = 16
@@ -35,14 +36,22 @@ class ModelConfig:
     axial_key_expansion: float = 1.0
     axial_value_expansion: float = 2.0
     attention_bottleneck_expansion: float = 2.0
-    rpe_length: int = 509  # relative-position table length (covers any crop <= 2049 at stride 16... 8)
+    rpe_length: int = (
+        509  # relative-position table length (covers any crop <= 2049 at stride 16... 8)
+    )
     # Dual-path transformer (spec §2).
     num_mask_slots: int = 128
     memory_channels: int = 256
     transformer_expansion: float = 1.0  # DPT filters = 128 * expansion
     transformer_ffn_channels: int = 2048
     global_ffn_channels: int = 256
-    extra_blocks: int = 1  # stage5_extra axial blocks, each followed by a dual-path layer
+    extra_blocks: int = 1  # blocks per extra stage (stage5_extra, extra decoder stages); L: 3
+    # Where dual-path layers go (a block gets one iff its original ResNet stride >= this) and how
+    # many hourglass decoder stacks run in the backbone / after it (deeplab2 AxialResNet).
+    backbone_use_transformer_beyond_stride: int = 32
+    extra_decoder_use_transformer_beyond_stride: int = 32
+    backbone_decoder_num_stacks: int = 0
+    extra_decoder_num_stacks: int = 0
     # Pixel decoder and heads (spec §3).
     pixel_embed_dim: int = 128
     pixel_head_channels: int = 256
@@ -53,14 +62,19 @@ class ModelConfig:
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
     low_level_channels: list[int] = field(default_factory=lambda: [64, 32])
     semantic_decoder_channels: int = 256
+    semantic_head_channels: int = 256  # auxiliary semantic head's separable 5x5 conv
     # Regularisation and normalisation (spec §1.7-1.8).
     drop_path_keep_prob: float = 0.8
-    drop_path_schedule: str = "linear"  # deeplab2's default is 'constant'; every COCO config uses 'linear'
+    drop_path_schedule: str = (
+        "linear"  # deeplab2's default is 'constant'; every COCO config uses 'linear'
+    )
     drop_path_beyond_stride: int = 16
     bn_momentum: float = 0.01  # Keras 0.99
     bn_eps: float = 1e-3
     # Engineering switches (no effect on the maths).
-    use_checkpointing: bool = False  # recompute axial blocks in backward (deeplab2 does, to fit memory)
+    use_checkpointing: bool = (
+        False  # recompute axial blocks in backward (deeplab2 does, to fit memory)
+    )
     init_checkpoint: str = ""  # a backbone or full checkpoint (.pt) to start from
 
 
@@ -99,6 +113,43 @@ class PostprocessConfig:
 # Named variants: the fields each one overrides on top of the MaX-DeepLab-S defaults.
 VARIANTS: dict[str, dict[str, Any]] = {
     "max_deeplab_s": {},
+    # deeplab2 axial_resnet_instances.MaXDeepLabL: Wide-ResNet-41 with axial attention from stride
+    # 16, dual-path layers from stride 16 and one backbone + one extra hourglass decoder stack.
+    "max_deeplab_l": {
+        "num_blocks": [3, 6, 3, 3],
+        "backbone_type": "wider_resnet",
+        "stem_channels": 64,
+        "backbone_use_transformer_beyond_stride": 16,
+        "extra_decoder_use_transformer_beyond_stride": 16,
+        "backbone_decoder_num_stacks": 1,
+        "extra_decoder_num_stacks": 1,
+        "extra_blocks": 3,
+        "memory_channels": 512,
+        "transformer_expansion": 2.0,
+        "global_ffn_channels": 512,
+        "attention_bottleneck_expansion": 4.0,
+        "axial_key_expansion": 2.0,
+        "axial_value_expansion": 4.0,
+        "drop_path_beyond_stride": 4,
+    },
+    # MaX-DeepLab-S's topology (every block kind, 4 dual-path layers, aux branch) at ~1/8 width
+    # with fewer blocks and slots, for CPU tests and the quickstart.
+    "max_deeplab_tiny": {
+        "num_blocks": [1, 1, 2, 2],
+        "stem_channels": 16,
+        "base_filters": 8,
+        "num_mask_slots": 32,
+        "memory_channels": 64,
+        "transformer_expansion": 0.25,
+        "transformer_ffn_channels": 128,
+        "global_ffn_channels": 64,
+        "pixel_embed_dim": 32,
+        "pixel_head_channels": 32,
+        "aspp_channels": 32,
+        "low_level_channels": [16, 8],
+        "semantic_decoder_channels": 32,
+        "semantic_head_channels": 32,
+    },
 }
 
 

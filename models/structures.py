@@ -37,8 +37,8 @@ class MaXDeepLabOutput:
 class PanopticTargets:
     """Ground truth for one batch at the full crop resolution (the losses subsample it to stride 4).
 
-    Built by the data pipeline (spec §4.1, deeplab2's sample_generator): crowd and padding pixels are
-    already void (semantic 0, thing id -1).
+    Built by the data pipeline (spec §4.1, deeplab2's sample_generator): crowd and padding pixels
+    are already void (semantic 0, thing id -1).
 
     Attributes:
         semantic: B x S x S int64, contiguous class ids, 0 = void.

@@ -1,8 +1,8 @@
 """The `maxdeeplab` command line (DESIGN §6).
 
 Each verb lives in its own module under `maxdeeplab.platform.commands` and exposes
-`add_arguments(parser)` and `run(args) -> int`; those modules keep heavy imports (torch, ray, mlflow)
-inside `run` so that `maxdeeplab --help` stays instant.
+`add_arguments(parser)` and `run(args) -> int`; those modules keep heavy imports (torch, ray,
+mlflow) inside `run` so that `maxdeeplab --help` stays instant.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Experiment configuration: the dataclass schema, YAML loading and the merge order (DESIGN §3).
 
-    dataclass schema (defaults) <- model variant <- experiment YAML (and the `base:` files it extends)
+    dataclass schema (defaults) <- model variant <- experiment YAML (and its `base:` files)
         <- CLI `key=value` dotlist <- Tune trial overrides
 
 Every layer is merged with OmegaConf in struct mode, so a misspelt key or a value of the wrong type
-fails before any work starts, with the file, the key and the value named. The defaults are deeplab2's
-MaX-DeepLab-S COCO settings (spec §5); model, loss and post-processing settings live in
+fails before any work starts, with the file, the key and the value named. The defaults are
+deeplab2's MaX-DeepLab-S COCO settings (spec §5); model, loss and post-processing settings live in
 `maxdeeplab.models.config` because `models/` may not import `platform/`.
 """
 
@@ -65,6 +65,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_interval: int = 100
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    # Images per worker per forward pass; 0 = batch_size / num_workers (no accumulation). Smaller
+    # values accumulate gradients over batch_size / (num_workers * micro_batch_size) passes.
+    micro_batch_size: int = 0
     channels_last: bool = True
     amp: bool = True  # bf16 autocast on GPU; CPU runs are always fp32
 
@@ -91,6 +94,7 @@ class EvalConfig:
     interval: int = 5000  # steps between evaluations (and one at the end)
     max_images: int = 0  # 0 = the whole val split
     num_visualizations: int = 4  # colourised predictions logged per evaluation
+    batch_size: int = 1  # images per worker per forward pass (deeplab2 evaluates with batch 1)
 
 
 @dataclass
@@ -354,7 +358,9 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 def to_params(cfg: ExperimentConfig) -> dict[str, str]:
     """Every leaf as {dotted key: string}, for MLflow params."""
-    return {k: str(v) for k, v in flatten(OmegaConf.to_container(OmegaConf.structured(cfg))).items()}
+    return {
+        k: str(v) for k, v in flatten(OmegaConf.to_container(OmegaConf.structured(cfg))).items()
+    }
 
 
 def work_dir(cfg: ExperimentConfig) -> Path:

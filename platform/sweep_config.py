@@ -12,10 +12,13 @@ resources: {num_workers: 8, use_gpu: true}                # per trial; overrides
 ```
 
 Distributions: `grid` (every value, crossed with the other grids), `choice` (sampled), `uniform`,
-`loguniform` ([low, high]) and `randint` ([low, high), integers). A sweep runs
-`num_samples x product(grid sizes)` trials. `load_sweep` validates everything (every key exists,
-every value type-checks against its key, every grid point resolves to a valid experiment) without
-starting Ray.
+`loguniform` ([low, high]) and `randint` ([low, high), integers). Keys that must change together
+(the crop and its area limits) form a *bundle*: a search key that is not a config key, whose `grid`
+or `choice` values are mappings of dotted keys, e.g.
+`resolution: {grid: [{data.crop_size: 641, postprocess.thing_area_limit: 100}, {...}]}`.
+A sweep runs `num_samples x product(grid sizes)` trials. `load_sweep` validates everything
+(every key exists, every value type-checks against its key, every grid point resolves to a valid
+experiment) without starting Ray.
 """
 
 from __future__ import annotations
@@ -87,16 +90,31 @@ class Sweep:
         layers = [
             *self.base_layers,
             (f"{self.path} overrides", dotted_to_tree(self.overrides)),
-            (f"{self.path} search point", dotted_to_tree(point)),
+            (f"{self.path} search point", dotted_to_tree(expand_bundles(point))),
         ]
         if self.resources:
-            layers.append((f"{self.path} resources", OmegaConf.create({"resources": self.resources})))
+            layers.append(
+                (f"{self.path} resources", OmegaConf.create({"resources": self.resources}))
+            )
         return resolve(layers)
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every combination of the grid values (non-grid keys are left to the sampler)."""
         keys = list(self.grid)
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*self.grid.values())]
+        return [
+            dict(zip(keys, combo, strict=True)) for combo in itertools.product(*self.grid.values())
+        ]
+
+
+def expand_bundles(point: dict[str, Any]) -> dict[str, Any]:
+    """Replace each bundle's value (a mapping of dotted keys) by its keys."""
+    flat: dict[str, Any] = {}
+    for key, value in point.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
 
 
 def dotted_to_tree(flat: dict[str, Any]) -> DictConfig:
@@ -131,10 +149,21 @@ def load_sweep(path: str | Path) -> Sweep:
     tune = _tune(raw, src)
 
     known = set(schema_keys())
-    for key in [*overrides, *search]:
+    for key in overrides:
         if key not in known:
-            raise ConfigError(f"{src}: unknown key {key!r} in {'search' if key in search else 'overrides'}")
+            raise ConfigError(f"{src}: unknown key {key!r} in overrides")
     specs = {key: _distribution(key, spec, src) for key, spec in search.items()}
+    for key, spec in specs.items():
+        ((kind, values),) = spec.items()
+        is_bundle = kind in ("grid", "choice") and all(isinstance(v, dict) for v in values)
+        if key in known and not is_bundle:
+            continue
+        if not is_bundle:
+            raise ConfigError(f"{src}: unknown key {key!r} in search")
+        for bundle in values:
+            for inner in bundle:
+                if inner not in known:
+                    raise ConfigError(f"{src}: unknown key {inner!r} in search bundle {key!r}")
     merge_layer(schema(), {"resources": resources}, src)
 
     sweep = Sweep(path, str(raw.name), base, base_layers, overrides, specs, tune, resources)
@@ -169,31 +198,43 @@ def _tune(raw: DictConfig, src: str) -> TuneConfig:
         raise ConfigError(f"{src}: bad value {typed.mode!r} for 'tune.mode': expected max or min")
     for key in ("num_samples", "max_concurrent_trials"):
         if getattr(typed, key) < 1:
-            raise ConfigError(f"{src}: bad value {getattr(typed, key)!r} for 'tune.{key}': must be >= 1")
+            raise ConfigError(
+                f"{src}: bad value {getattr(typed, key)!r} for 'tune.{key}': must be >= 1"
+            )
     return typed
 
 
 def _distribution(key: str, spec: Any, src: str) -> dict[str, Any]:
     where = f"{src}: search key {key!r}"
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(f"{where}: expected one distribution, e.g. {{grid: [a, b]}}, got {spec!r}")
-    (kind, args), = spec.items()
+        raise ConfigError(
+            f"{where}: expected one distribution, e.g. {{grid: [a, b]}}, got {spec!r}"
+        )
+    ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}: unknown distribution {kind!r} (expected one of {DISTRIBUTIONS})")
+        raise ConfigError(
+            f"{where}: unknown distribution {kind!r} (expected one of {DISTRIBUTIONS})"
+        )
     if not isinstance(args, list | ListConfig) or not args:
         raise ConfigError(f"{where}: {kind} needs a non-empty list, got {args!r}")
     if kind in ("uniform", "loguniform", "randint"):
-        if len(args) != 2 or not all(isinstance(a, int | float) for a in args) or args[0] >= args[1]:
-            raise ConfigError(f"{where}: {kind} needs [low, high] numbers with low < high, got {args!r}")
+        if (
+            len(args) != 2
+            or not all(isinstance(a, int | float) for a in args)
+            or args[0] >= args[1]
+        ):
+            raise ConfigError(
+                f"{where}: {kind} needs [low, high] numbers with low < high, got {args!r}"
+            )
         if kind == "loguniform" and args[0] <= 0:
             raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
         if kind == "randint" and not all(isinstance(a, int) for a in args):
             raise ConfigError(f"{where}: randint needs integer bounds, got {args!r}")
-    return {kind: list(args)}
+    return {kind: OmegaConf.to_container(args) if isinstance(args, ListConfig) else list(args)}
 
 
 def _values_to_check(spec: dict[str, Any]) -> list[Any]:
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if kind == "randint":
         return [args[0], args[1] - 1]
     return list(args)

@@ -9,7 +9,11 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAPPED = {"models": "maxdeeplab.models", "platform": "maxdeeplab.platform", "dashboards": "maxdeeplab.dashboards"}
+MAPPED = {
+    "models": "maxdeeplab.models",
+    "platform": "maxdeeplab.platform",
+    "dashboards": "maxdeeplab.dashboards",
+}
 
 
 def _declared() -> tuple[set[str], dict[str, str]]:

@@ -1,4 +1,5 @@
-"""`maxdeeplab bench NAME ...`: each benchmark reports a ratio against a reference timed in the same run.
+"""`maxdeeplab bench NAME ...`: every benchmark reports a ratio against a reference timed in the
+same run.
 
 Benchmarks live in `maxdeeplab.platform.bench.<name>`, each with `add_arguments(parser)` and
 `run(args) -> int` like the CLI verbs.

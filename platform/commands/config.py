@@ -30,8 +30,13 @@ def run(args: argparse.Namespace) -> int:
 
         sweep = load_sweep(args.file)
         varied = ", ".join(sweep.search) or "nothing"
-        print(f"{args.file}: valid sweep {sweep.name!r}: {sweep.num_trials} trials (varies {varied})")
+        print(
+            f"{args.file}: valid sweep {sweep.name!r}: {sweep.num_trials} trials (varies {varied})"
+        )
     else:
         cfg = load_experiment(args.file, args.overrides)
-        print(f"{args.file}: valid experiment {cfg.name!r} ({cfg.model.variant}, crop {cfg.data.crop_size})")
+        print(
+            f"{args.file}: valid experiment {cfg.name!r} "
+            f"({cfg.model.variant}, crop {cfg.data.crop_size})"
+        )
     return 0

@@ -37,7 +37,8 @@ def test_merge_order_schema_variant_yaml_base_cli(tmp_path):
     write(tmp_path / "bases/base.yaml", "data: {crop_size: 1025}\ntrain: {steps: 7}\n")
     exp = write(
         tmp_path / "exp.yaml",
-        "base: bases/base.yaml\nname: mine\ntrain: {steps: 9}\nmodel: {drop_path_schedule: constant}\n",
+        "base: bases/base.yaml\nname: mine\ntrain: {steps: 9}\n"
+        "model: {drop_path_schedule: constant}\n",
     )
     cfg = load_experiment(exp, ["optim.lr=0.5", "model.drop_path_keep_prob=0.9"])
     assert cfg.name == "mine"
@@ -165,3 +166,21 @@ def test_shipped_experiments_and_sweeps_are_valid():
             load_sweep(path)
         else:
             load_experiment(path)
+
+
+def test_sweep_bundles_move_keys_together(tmp_path):
+    write(tmp_path / "exp.yaml", "train: {steps: 10}\n")
+    text = SWEEP.replace(
+        "  data.crop_size: {grid: [65, 129]}\n",
+        "  resolution:\n    grid:\n"
+        "      - {data.crop_size: 65, postprocess.thing_area_limit: 1}\n"
+        "      - {data.crop_size: 129, postprocess.thing_area_limit: 4}\n",
+    )
+    sweep = load_sweep(write(tmp_path / "sweep.yaml", text))
+    assert sweep.num_trials == 8
+    point = sweep.grid_points()[-1]
+    trial = sweep.trial_config(point)
+    assert (trial.data.crop_size, trial.postprocess.thing_area_limit) == (129, 4)
+    bad = text.replace("postprocess.thing_area_limit: 4", "postprocess.thing_area: 4")
+    with pytest.raises(ConfigError, match="unknown key 'postprocess.thing_area' in search bundle"):
+        load_sweep(write(tmp_path / "bad.yaml", bad))

@@ -1,0 +1,41 @@
+"""`maxdeeplab sweep SWEEP.yaml [--resume] [--address ADDR]`: a Ray Tune sweep, tracked in MLflow.
+
+Prints the summary table (trial, varied keys, PQ, PQ_th, PQ_st, steps, wall time) and writes the
+sweep's plots to `<work_dir>/sweeps/<name>/plots` (also logged to the parent MLflow run).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from maxdeeplab.platform.tune import SweepResult
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep YAML (check it first with `maxdeeplab config check`)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep's saved state (also automatic when its directory exists)",
+    )
+    parser.add_argument("--address", default="", help="Ray cluster (default: RAY_ADDRESS or local)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from maxdeeplab.platform.tune import run_sweep
+
+    result = run_sweep(args.sweep, resume=args.resume, address=args.address)
+    write_plots(result)
+    return 0
+
+
+def write_plots(result: SweepResult) -> None:
+    """The sweep's plots (PQ vs step per trial, PQ vs each varied key), on disk and in MLflow."""
+    from maxdeeplab.dashboards.plots import plot_sweep
+    from maxdeeplab.platform import tracking
+
+    out = result.directory / "plots"
+    paths = plot_sweep(result.parent_run_id, out, uri=tracking.tracking_uri(result.config))
+    print(f"plots: {len(paths)} PNGs in {out}")

@@ -1,0 +1,220 @@
+"""Data loaders for training and evaluation, ready for Ray Train's `prepare_data_loader`.
+
+The samplers subclass `DistributedSampler`, so `prepare_data_loader` keeps them (it only replaces a
+sampler that is not one) and merely adds the device transfer; the loader keeps its worker
+processes, pinned memory and persistent workers. `EpochSampler` makes the data a function of
+(seed, epoch, position): each rank reads its shard of a seeded permutation, the keys it yields carry
+the epoch to the worker processes, and `set_position` resumes inside an epoch. `ShardSampler`
+splits the evaluation set without the padding duplicates of `DistributedSampler` (they would be
+counted twice by PQ).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from maxdeeplab.models.config import LossConfig
+from maxdeeplab.platform.data.coco import CocoPanoptic, require_root
+from maxdeeplab.platform.data.dataset import (
+    PanopticEvalDataset,
+    PanopticTrainDataset,
+    collate_eval,
+    collate_train,
+)
+from maxdeeplab.platform.data.synthetic import ensure_synthetic
+from maxdeeplab.platform.data.transforms import EvalTransform, TrainTransform, scale_choices
+
+
+def world() -> tuple[int, int]:
+    """(num_replicas, rank) of the current process group, (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's shard of a per-epoch seeded permutation, yielding `epoch * N + index` keys.
+
+    Call `set_epoch(e)` before each epoch (as with DistributedSampler) and `set_position(k)` to
+    start an epoch at its k-th sample of this rank (resuming); the position resets after one pass.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        default_replicas, default_rank = world()
+        super().__init__(
+            dataset,
+            num_replicas=default_replicas if num_replicas is None else num_replicas,
+            rank=default_rank if rank is None else rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        self.position = 0
+
+    def set_position(self, position: int) -> None:
+        self.position = position
+
+    def __iter__(self) -> Iterator[int]:
+        size = len(self.dataset)  # type: ignore[arg-type]
+        indices = list(super().__iter__())[self.position :]
+        self.position = 0
+        return iter([self.epoch * size + i for i in indices])
+
+
+class ShardSampler(DistributedSampler):
+    """Indices rank, rank + R, rank + 2R, ... in order, without padding (for evaluation)."""
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        default_replicas, default_rank = world()
+        super().__init__(
+            dataset,
+            num_replicas=default_replicas if num_replicas is None else num_replicas,
+            rank=default_rank if rank is None else rank,
+            shuffle=False,
+        )
+        size = len(dataset)  # type: ignore[arg-type]
+        self.num_samples = len(range(self.rank, size, self.num_replicas))
+        self.total_size = size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    train: bool = True,
+    seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = True,
+    prefetch_factor: int = 2,
+) -> DataLoader:
+    """A DataLoader over a train or eval dataset, sharded across the process group.
+
+    Args:
+        dataset: a PanopticTrainDataset (train=True) or PanopticEvalDataset (train=False).
+        batch_size: per-process batch size.
+        num_workers: decoding/augmenting worker processes (0 = in this process).
+        train: shuffle per epoch and drop the last incomplete batch; else shard in order.
+        seed: the shuffling seed (the dataset holds the augmentation seed).
+        num_replicas, rank: the shard; default from torch.distributed, else (1, 0).
+        pin_memory: default: CUDA is available.
+        persistent_workers: keep the worker processes between epochs (with num_workers > 0).
+        prefetch_factor: batches each worker prepares ahead.
+
+    Returns:
+        The DataLoader; its sampler is an `EpochSampler` (train) or `ShardSampler` (eval).
+    """
+    sampler: DistributedSampler
+    if train:
+        sampler = EpochSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(dataset, num_replicas, rank)
+    workers_kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        workers_kwargs = {
+            "persistent_workers": persistent_workers,
+            "prefetch_factor": prefetch_factor,
+        }
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_train if train else collate_eval,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=train,
+        **workers_kwargs,
+    )
+
+
+def loader_sampler(loader: Any) -> DistributedSampler:
+    """The sampler of a loader, also through Ray's device-transfer wrapper."""
+    inner = getattr(loader, "_dataloader", loader)
+    return inner.sampler
+
+
+def iterate_from(loader: Any, start_step: int = 0) -> Iterator[Any]:
+    """Endless training batches starting at global step `start_step` (exact resume).
+
+    Epoch e covers steps [e * B, (e + 1) * B) with B = len(loader) batches per epoch, so step s
+    is batch s mod B of epoch s // B; the sampler is told both.
+    """
+    batches_per_epoch = len(loader)
+    if batches_per_epoch == 0:
+        raise ValueError("the training loader has no full batch (fewer images than the batch)")
+    sampler = loader_sampler(loader)
+    epoch, skip = divmod(start_step, batches_per_epoch)
+    batch_size = getattr(getattr(loader, "_dataloader", loader), "batch_size", 1) or 1
+    while True:
+        sampler.set_epoch(epoch)
+        if skip and isinstance(sampler, EpochSampler):
+            sampler.set_position(skip * batch_size)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def resolve_data_root(data_cfg: Any, work_dir: str | Path) -> Path:
+    """`data.root`, or, when it is empty, the synthetic set generated once under work_dir/data."""
+    if data_cfg.root:
+        return require_root(data_cfg.root)
+    height, width = data_cfg.synthetic_size
+    return ensure_synthetic(
+        Path(work_dir) / "data",
+        num_train=data_cfg.synthetic_train,
+        num_val=data_cfg.synthetic_val,
+        height=int(height),
+        width=int(width),
+        seed=data_cfg.synthetic_seed,
+    )
+
+
+def build_train_dataset(
+    data_cfg: Any, loss_cfg: LossConfig, *, work_dir: str | Path, seed: int
+) -> PanopticTrainDataset:
+    """The training dataset of an experiment (cfg.data, cfg.loss, cfg.work_dir, cfg.seed)."""
+    split = CocoPanoptic(resolve_data_root(data_cfg, work_dir), data_cfg.train_split)
+    scales = scale_choices(data_cfg.min_scale, data_cfg.max_scale, data_cfg.scale_step)
+    return PanopticTrainDataset(
+        split,
+        TrainTransform(data_cfg.crop_size, tuple(float(s) for s in scales)),
+        seed=seed,
+        max_thing_id=loss_cfg.max_thing_id,
+        small_instance_weight=loss_cfg.small_instance_weight,
+        small_instance_area=loss_cfg.small_instance_area,
+        skip_corrupt=data_cfg.skip_corrupt,
+    )
+
+
+def build_eval_dataset(data_cfg: Any, *, work_dir: str | Path) -> PanopticEvalDataset:
+    """The evaluation dataset of an experiment (`cfg.data.val_split`)."""
+    split = CocoPanoptic(resolve_data_root(data_cfg, work_dir), data_cfg.val_split)
+    return PanopticEvalDataset(
+        split, EvalTransform(data_cfg.crop_size), skip_corrupt=data_cfg.skip_corrupt
+    )
+
+
+def batches_per_epoch(num_images: int, batch_size: int, num_replicas: int) -> int:
+    """Full batches per epoch on each rank (what `len(loader)` gives for a train loader)."""
+    return math.ceil(num_images / num_replicas) // batch_size

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures. One Ray instance serves the whole test session (STYLE.md, Tests)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray instance for the session (2 CPUs, dashboard on: Train V2 needs it, ray_notes.md).
+
+    Tests that need Ray take this fixture and carry the `ray` marker. A test that needs a
+    different cluster (e.g. a simulated multi-node one) runs it in a subprocess instead.
+    """
+    ray = pytest.importorskip("ray")
+    from maxdeeplab.platform.launch import free_port
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_port=free_port(),  # other Ray instances on the machine may hold 8265
+            logging_level=logging.ERROR,
+        )
+    yield
+    ray.shutdown()
