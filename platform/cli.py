@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "run a Ray Tune sweep from a sweep YAML"),
     "evaluate": ("evaluate", "PQ of COCO-panoptic prediction files against ground truth"),
     "predict": ("predict", "panoptic predictions for images from a checkpoint"),
+    "import-tf": ("import_tf", "convert a deeplab2 (TensorFlow) checkpoint to our weights"),
     "table": ("table", "our runs beside the published model-zoo table"),
     "dashboard": ("dashboard", "start the MLflow UI on 127.0.0.1"),
     "bench": ("bench", "benchmarks against references measured in the same run"),
@@ -31,16 +32,14 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maxdeeplab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="maxdeeplab",
+        description="MaX-DeepLab panoptic segmentation: train, sweep, evaluate, predict, compare.",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (module_name, help_text) in VERBS.items():
-        try:
-            module = importlib.import_module(f"maxdeeplab.platform.commands.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"maxdeeplab.platform.commands.{module_name}":
-                raise
-            continue  # a verb whose module is not part of this build
+        module = importlib.import_module(f"maxdeeplab.platform.commands.{module_name}")
         verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
         module.add_arguments(verb_parser)
         verb_parser.set_defaults(run=module.run)
@@ -63,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # an unexpected failure: still one line, the traceback on request
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(
+            f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,12 +22,7 @@ BENCHMARKS: dict[str, str] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="NAME")
     for name, help_text in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(f"maxdeeplab.platform.bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"maxdeeplab.platform.bench.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"maxdeeplab.platform.bench.{name}")
         bench_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(bench_parser)
         bench_parser.set_defaults(bench_run=module.run)

@@ -13,11 +13,16 @@ UI_LOG = "mlflow_ui.log"  # in the work dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from maxdeeplab.platform.config import ExperimentConfig
-
     parser.add_argument(
         "--port", type=int, default=5000, help="loopback port (0: any free port; default 5000)"
     )
+    add_store_arguments(parser)
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--uri` and `--work-dir`: which MLflow store to read (the runs' default unless given)."""
+    from maxdeeplab.platform.config import ExperimentConfig
+
     parser.add_argument(
         "--uri",
         default="",

@@ -9,25 +9,16 @@ from __future__ import annotations
 
 import argparse
 
+from maxdeeplab.platform.commands.dashboard import add_store_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from maxdeeplab.platform.config import ExperimentConfig
-
     parser.add_argument("--experiment", help="only this MLflow experiment's runs (default: all)")
     parser.add_argument("--format", choices=("md", "csv", "html"), default="md", help="default md")
     parser.add_argument("--out", help="also write the table to this file")
     # `args.run` is taken: the CLI stores each verb's entry point there.
     parser.add_argument("--log-run", metavar="RUN_ID", help="log the table into this MLflow run")
-    parser.add_argument(
-        "--uri",
-        default="",
-        help="tracking store URI (default: MLFLOW_TRACKING_URI, else the work dir's)",
-    )
-    parser.add_argument(
-        "--work-dir",
-        default=ExperimentConfig.work_dir,
-        help=f"the runs' work dir, holding mlflow.db (default: {ExperimentConfig.work_dir})",
-    )
+    add_store_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
