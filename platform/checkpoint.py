@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from maxdeeplab.platform.errors import ConfigError
+
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"  # the weights alone, for `predict` and the MLflow artifact
 FORMAT_VERSION = 1
@@ -97,6 +99,40 @@ def load_checkpoint(
         bad_steps_total=int(saved["bad_steps_total"]),
     )
     return state, dict(saved.get("extra", {}))
+
+
+def load_initial_weights(model: nn.Module, path: str | Path) -> int:
+    """Start `model` from `model.init_checkpoint`: a full model or a backbone-only `.pt`.
+
+    A backbone-only file (`maxdeeplab import-tf` of an ImageNet checkpoint) holds the encoder's
+    tensors alone; everything it holds must exist in the model with the same shape, and the rest
+    (transformer, decoder, heads) keeps its initialisation, as deeplab2's `maybe_load_checkpoint`.
+
+    Returns:
+        How many tensors were loaded.
+
+    Raises:
+        ConfigError: the file is missing, or a tensor is unknown to the model or has another shape.
+    """
+    if not Path(path).exists():
+        raise ConfigError(f"model.init_checkpoint: {path} not found")
+    weights = load_model_weights(path)
+    own = unwrap(model).state_dict()
+    unknown = sorted(k for k in weights if k not in own)
+    mismatched = sorted(
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    )
+    if unknown or mismatched:
+        listed = ", ".join([*unknown[:5], *mismatched[:5]])
+        more = ", ..." if len(unknown) > 5 or len(mismatched) > 5 else ""
+        raise ConfigError(
+            f"model.init_checkpoint {path}: {len(unknown)} unknown and {len(mismatched)} "
+            f"mis-shaped tensors for this model ({listed}{more})"
+        )
+    unwrap(model).load_state_dict(weights, strict=False)
+    return len(weights)
 
 
 def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:

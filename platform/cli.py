@@ -23,6 +23,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("train", "train an experiment with Ray Train"),
     "sweep": ("sweep", "run a Ray Tune sweep from a sweep YAML"),
     "evaluate": ("evaluate", "PQ of COCO-panoptic prediction files against ground truth"),
+    "evaluate-model": (
+        "evaluate_model",
+        "PQ of a checkpoint over a dataset split (inference + PQ)",
+    ),
     "predict": ("predict", "panoptic predictions for images from a checkpoint"),
     "import-tf": ("import_tf", "convert a deeplab2 (TensorFlow) checkpoint to our weights"),
     "table": ("table", "our runs beside the published model-zoo table"),

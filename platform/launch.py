@@ -69,8 +69,15 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     micro_batching(cfg.train.batch_size, cfg.resources.num_workers, cfg.train.micro_batch_size)
     if cfg.eval.batch_size <= 0:
         raise ConfigError(f"bad value {cfg.eval.batch_size!r} for 'eval.batch_size': must be > 0")
+    init = cfg.model.init_checkpoint
+    if init and not Path(init).expanduser().exists():
+        raise ConfigError(f"model.init_checkpoint: {init} not found")
     model = replace(
-        cfg.model, num_classes=info.num_classes, num_thing_classes=info.num_thing_classes
+        cfg.model,
+        num_classes=info.num_classes,
+        num_thing_classes=info.num_thing_classes,
+        # absolute: Ray workers and Tune trials run in other directories
+        init_checkpoint=str(Path(init).expanduser().resolve()) if init else "",
     )
     return replace(cfg, work_dir=absolute, model=model)
 

@@ -245,7 +245,9 @@ class TensorBundle:
         try:
             records = _table_entries(index_path.read_bytes())
         except (ValueError, IndexError, struct.error) as exc:
-            raise DataError(f"{index_path}: not a readable TensorFlow checkpoint index: {exc}")
+            raise DataError(
+                f"{index_path}: not a readable TensorFlow checkpoint index: {exc}"
+            ) from exc
         self.num_shards = 1
         self.entries: dict[str, BundleEntry] = {}
         for raw_key, value in records:

@@ -7,7 +7,8 @@ checkpoint root to the variable, e.g. `encoder/_stage5/_block1/_attention/_heigh
   `semantic_head_without_last_layer/`, `semantic_last_layer/`, `pixel_space_head/`,
   `transformer_mask_head/`, `transformer_class_head/`, `pixel_space_feature_batch_norm/`,
   `pixel_space_mask_batch_norm/` (plus `optimizer/`, `backbone_optimizer/`, `global_step`, ignored);
-- a plain `tf.train.Checkpoint(model=model)`: `model/_encoder/`, `model/_decoder/_pixel_space_head/`...
+- a plain `tf.train.Checkpoint(model=model)`: `model/_encoder/`,
+  `model/_decoder/_pixel_space_head/`, ...
 `canonical_key` rewrites the second into the first; `torch_name` then maps a canonical key to our
 parameter or buffer name by the table `NAME_RULES` (our modules keep deeplab2's attribute names, so
 most rules only drop the leading underscores), and `convert_tensor` changes the layout:
@@ -54,7 +55,7 @@ BN_LEAVES = {
     "moving_variance": "running_var",
 }
 
-# A plain `tf.train.Checkpoint(model=model)` -> the trainer's keys (deeplab2 model.checkpoint_items).
+# A plain `tf.train.Checkpoint(model=model)` -> the trainer's keys (deeplab2 checkpoint_items).
 ROOT_RULES: list[tuple[str, str]] = [
     (r"^model/_encoder/", "encoder/"),
     (r"^model/_decoder/_auxiliary_semantic_decoder/", "semantic_decoder/"),
@@ -72,7 +73,10 @@ NAME_RULES: list[tuple[str, str]] = [
     (r"^transformer_mask_head/", "mask_class_head/transformer_mask_head/"),
     (r"^transformer_class_head/_conv/", "mask_class_head/transformer_class_head/"),
     # The auxiliary semantic branch (panoptic_deeplab.py decoder + head, aspp.py).
-    (r"^semantic_decoder/_aspp/_aspp_conv(\d)/_conv_bn_act/", r"aux_semantic/aspp/aspp_convs.<\1>/"),
+    (
+        r"^semantic_decoder/_aspp/_aspp_conv(\d)/_conv_bn_act/",
+        r"aux_semantic/aspp/aspp_convs.<\1>/",
+    ),
     (r"^semantic_decoder/_aspp/_aspp_pool/_conv_bn_act/_conv/", "aux_semantic/aspp/pool_conv/"),
     (r"^semantic_decoder/_aspp/_aspp_pool/_conv_bn_act/_batch_norm/", "aux_semantic/aspp/pool_bn/"),
     (r"^semantic_decoder/_aspp/", "aux_semantic/aspp/"),
@@ -81,6 +85,8 @@ NAME_RULES: list[tuple[str, str]] = [
     (r"^semantic_head_without_last_layer/_conv1_bn_act/", "aux_semantic/conv_block/"),
     (r"^semantic_last_layer/", "aux_semantic/final_conv/"),
     (r"^pixel_space_head/conv_block/_conv1_bn_act/", "pixel_space_head/conv_block/"),
+    # The Wide-ResNet stem of MaX-DeepLab-L is one Conv2DSame + BN directly on `_stem`.
+    (r"^encoder/_stem/(_conv|_batch_norm)/", r"encoder/_stem/conv_bn/\1/"),
     # Separable convs (convolutions.py DepthwiseConv2DSame + Conv2DSame) -> SeparableConvBN.
     (r"/_depthwise/_depthwise_conv/depthwise_kernel$", "/depthwise/depthwise_kernel"),
     (r"/_depthwise/_batch_norm/", "/depthwise_bn/"),
@@ -211,7 +217,7 @@ def map_variables(
     """
     report = ImportReport()
     sources: dict[str, str] = {}
-    model_keys = []
+    model_keys: list[str] = []
     for key in sorted(tf_shapes):
         (model_keys if is_model_variable(key) else report.ignored).append(key)
     canonical = {key: canonical_key(key) for key in model_keys}

@@ -45,6 +45,7 @@ from maxdeeplab.platform.checkpoint import (
     MODEL_FILE,
     TrainingState,
     load_checkpoint,
+    load_initial_weights,
     save_checkpoint,
     unwrap,
 )
@@ -251,6 +252,15 @@ def _run(options, rank, world_size, device, console, logger) -> None:
     model_cfg = replace(cfg.model, num_classes=info.num_classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
     model: nn.Module = build_model(model_cfg)
+    if cfg.model.init_checkpoint:  # a resumed run overwrites these with its own checkpoint below
+        loaded = load_initial_weights(model, cfg.model.init_checkpoint)
+        if console:
+            console.info(
+                "%s initialised %d tensors from %s",
+                CONSOLE_MARKER,
+                loaded,
+                cfg.model.init_checkpoint,
+            )
     if world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

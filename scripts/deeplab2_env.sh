@@ -25,6 +25,7 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$ENV_DIR/src/deeplab2"
 # The source: a git directory is exported at HEAD; a work tree is copied. deeplab2's imports are
 # `from deeplab2.model import ...`, so the files go under src/deeplab2/.
+# (git may still print "invalid object ... data/testdata/..." for the excluded file; it exits 0.)
 if git --git-dir="$SRC" rev-parse --is-bare-repository >/dev/null 2>&1 && [[ ! -d "$SRC/model" ]]; then
   git --git-dir="$SRC" archive --format=tar HEAD -- . ':(exclude)data/testdata' \
     | tar -x -C "$ENV_DIR/src/deeplab2"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -38,9 +39,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--against",
+        choices=("deeplab2",),
+        default=None,
+        help="race deeplab2's own train step instead (`maxdeeplab bench deeplab2`; needs --env)",
+    )
+    parser.add_argument(
+        "--env",
+        default=os.environ.get("DEEPLAB2_ENV", ""),
+        help="with --against deeplab2: the reference environment (default $DEEPLAB2_ENV)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.against == "deeplab2":
+        from maxdeeplab.platform.bench import deeplab2
+
+        if not args.threads:
+            args.threads = 2
+        return deeplab2.run(args)
     import torch
 
     from maxdeeplab.models.complexity import count_macs

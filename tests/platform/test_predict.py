@@ -69,6 +69,18 @@ def test_predict_writes_png_overlay_and_coco_json(run_dir, tmp_path, capsys):
         assert (out / f"{image.stem}_overlay.png").is_file()
 
 
+def test_evaluate_model_prints_pq_and_writes_panopticapi_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    ckpt = str(run_dir / "checkpoint_000000001")
+    assert main(["evaluate-model", ckpt, "--out", str(out), "--per-class"]) == 0
+    printed = capsys.readouterr().out
+    assert "Things" in printed and "Stuff" in printed and "pipeline PQ" in printed
+    results = json.loads(out.read_text())
+    for group in ("All", "Things", "Stuff"):
+        assert 0.0 <= results[group]["pq"] <= 1.0
+    assert results["All"]["n"] == results["Things"]["n"] + results["Stuff"]["n"] > 0
+
+
 def test_predict_bad_input_is_one_line(run_dir, tmp_path, capsys):
     missing = tmp_path / "nope.jpg"
     assert (
