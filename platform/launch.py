@@ -156,7 +156,7 @@ def show_only_progress_lines() -> None:
     stays in Ray's session logs; the console shows the lines the training loop marks. This uses
     Ray's (private) log-forwarding hook; if it is missing, Ray's default printing stays.
     """
-    from maxdeeplab.platform.train import CONSOLE_MARKER
+    from maxdeeplab.platform.progress import CONSOLE_MARKER
 
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -58,12 +57,11 @@ from maxdeeplab.platform.data.loader import (
     iterate_from,
 )
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
-from maxdeeplab.platform.eval.report import format_per_class, format_table
 from maxdeeplab.platform.optim import build_optimizer, set_learning_rate
+from maxdeeplab.platform.progress import CONSOLE_MARKER, Meter, console_logger, log_evaluation
 from maxdeeplab.platform.validation import autocast, evaluate
 
 log = logging.getLogger(__name__)
-CONSOLE_MARKER = "[maxdeeplab]"  # the launcher shows only worker lines carrying it (Ray noise)
 STATUS_FILE = "maxdeeplab_status.json"  # in the run directory: how the loop ended
 CRASH_DELAY_S = 5.0  # > 2 health-check periods of Ray Train's controller (2 s each)
 
@@ -207,7 +205,7 @@ def train_loop_per_worker(options: LoopOptions) -> None:
     if device.type == "cpu":
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch must agree, also in local mode.
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    console = _console_logger() if rank == 0 else None
+    console = console_logger() if rank == 0 else None
     logger = (
         tracking.RunLogger(options.tracking_uri, options.mlflow_run_id)
         if rank == 0 and options.mlflow_run_id
@@ -280,7 +278,7 @@ def _run(options, rank, world_size, device, console, logger) -> None:
     # --- loop
     total = cfg.train.steps
     batches = iterate_from(train_loader, start_step * passes)
-    meter = _Meter(time.perf_counter(), start_step)
+    meter = Meter(time.perf_counter(), start_step)
     metrics: dict[str, float] = {}
     while state.step < total:
         step = state.step
@@ -324,7 +322,7 @@ def _run(options, rank, world_size, device, console, logger) -> None:
                 num_visualizations=cfg.eval.num_visualizations if rank == 0 else 0,
             )
             metrics.update(evaluation.metrics(info))
-            _log_evaluation(evaluation, state.step, info, console, logger, final=done)
+            log_evaluation(evaluation, state.step, info, console, logger, final=done)
         if state.step % cfg.train.checkpoint_interval == 0 or done:
             _report(metrics, state, model, optimizer, rank, options, logger, final=done)
         elif state.step % cfg.eval.interval == 0:
@@ -399,107 +397,3 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
     """How the loop of a run ended ({} if it never got there)."""
     path = Path(run_dir) / STATUS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _log_evaluation(evaluation, step, info, console, logger, *, final) -> None:
-    if console is None:
-        return
-    m = evaluation.metrics(info)
-    console.info(
-        "%s eval step %d: PQ %.1f  PQ_th %.1f  PQ_st %.1f  SQ %.1f  RQ %.1f  (pipeline PQ %.1f)",
-        CONSOLE_MARKER,
-        step,
-        *(100 * m[k] for k in tracking.VAL_METRICS),
-    )
-    names = {c.id: c.name for c in info.categories}
-    table = format_table(evaluation.official)
-    per_class = format_per_class(evaluation.official, names)
-    if final:
-        for line in (table + "\n\n" + per_class).splitlines():
-            console.info("%s %s", CONSOLE_MARKER, line)
-    if logger is not None:
-        logger.log_metrics(m, step=step)
-        logger.log_text(f"{table}\n\n{per_class}\n", f"pq/step_{step:09d}.txt")
-        for index, image in enumerate(evaluation.visualizations):
-            logger.log_image(image, f"predictions/step_{step:09d}_{index}.png")
-
-
-class _Meter:
-    """Loss averages, images/s and ETA over a log interval (rank-averaged at flush time)."""
-
-    def __init__(self, now: float, step: int) -> None:
-        self.start, self.start_step = now, step
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.lr = 0.0
-        self.excluded = 0.0  # seconds spent in evaluation/checkpoints since the last flush
-
-    def add(self, result: StepResult) -> None:
-        if result.applied:
-            for key, value in result.losses.items():
-                self.sums[key] = self.sums.get(key, 0.0) + value
-            self.count += 1
-        self.lr = result.lr
-
-    def exclude(self, seconds: float) -> None:
-        """Leave time spent outside training steps (evaluation, checkpoints) out of the rate."""
-        self.excluded += seconds
-
-    def flush(self, state: TrainingState, batch_size: int, total: int, console) -> dict[str, float]:
-        now = time.perf_counter()
-        keys = list(LOSS_KEYS)
-        values = torch.stack([torch.as_tensor(self.sums.get(k, 0.0)).float().cpu() for k in keys])
-        stats = torch.cat([values, torch.tensor([float(self.count)])])
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            stats = stats.to(device)
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            stats = stats.cpu()
-        # No applied step in the interval (all non-finite): the mean loss is undefined.
-        count = float(stats[-1]) or float("nan")
-        losses = {
-            tracking.loss_metric(k): float(v) / count for k, v in zip(keys, stats, strict=False)
-        }
-        elapsed = max(now - self.start - self.excluded, 1e-9)
-        images_per_s = (state.step - self.start_step) * batch_size / elapsed
-        metrics = {
-            **losses,
-            tracking.TRAIN_LR: self.lr,
-            tracking.TRAIN_IMAGES_PER_S: images_per_s,
-            tracking.TRAIN_BAD_STEPS: float(state.bad_steps_total),
-        }
-        if console is not None:
-            remaining = (total - state.step) * batch_size / max(images_per_s, 1e-9)
-            console.info(
-                "%s step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s",
-                CONSOLE_MARKER,
-                state.step,
-                total,
-                losses[tracking.LOSS_TOTAL],
-                self.lr,
-                images_per_s,
-                _format_duration(remaining),
-            )
-        self.sums, self.count, self.excluded = {}, 0, 0.0
-        self.start, self.start_step = now, state.step
-        return metrics
-
-
-def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def _console_logger() -> logging.Logger:
-    """Rank 0's progress logger, printing plain lines to stdout whatever Ray configured."""
-    console = logging.getLogger("maxdeeplab.progress")
-    if not console.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        console.addHandler(handler)
-        console.setLevel(logging.INFO)
-        console.propagate = False
-    return console
