@@ -128,7 +128,7 @@ def run_sweep(path: str | Path, *, resume: bool = False, address: str = "") -> S
     check_resources(sweep, cfg)
     parent_id = _parent_run(sweep, cfg, directory)
     started = time.monotonic()
-    tuner = _tuner(sweep, directory, parent_id)
+    tuner = _tuner(sweep, directory, parent_id, work_root=work_dir(cfg))
     results = tuner.fit()
     wall = time.monotonic() - started
     summaries = [_summary(sweep, cfg, result) for result in results]
@@ -162,12 +162,12 @@ def _parent_run(sweep: Sweep, cfg: ExperimentConfig, directory: Path) -> str:
     return run_id
 
 
-def _tuner(sweep: Sweep, directory: Path, parent_id: str) -> Any:
+def _tuner(sweep: Sweep, directory: Path, parent_id: str, *, work_root: Path) -> Any:
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             sweep_path=str(sweep.path),
-            work_root=str(work_dir(sweep.trial_config({}))),
+            work_root=str(work_root),
             parent_id=parent_id,
         ),
         TRIAL_RESOURCES,
