@@ -26,7 +26,6 @@ from maxdeeplab.platform.errors import DataError
 
 TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB table magic number (footer's last 8 bytes)
 FOOTER_SIZE = 48  # two block handles padded to 40 bytes + the magic
-BLOCK_TRAILER_SIZE = 5  # compression type byte + masked CRC32C
 NO_COMPRESSION, SNAPPY_COMPRESSION = 0, 1
 # TensorFlow DataType enum -> numpy dtype (types.proto); DT_BFLOAT16 (14) is read as raw uint16.
 DTYPES: dict[int, np.dtype] = {

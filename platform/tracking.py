@@ -28,13 +28,8 @@ from maxdeeplab.platform.config import ExperimentConfig, to_params, to_yaml, wor
 log = logging.getLogger(__name__)
 
 # --- metric names (slash-namespaced, defined once) -------------------------------------------
-LOSS_TERMS = ("total", "pq_class", "pq_dice", "mask_id", "instance_discrimination", "semantic")
+# Each loss term `k` of `maxdeeplab.models.losses.criterion.LOSS_KEYS` is logged as `loss/k`.
 LOSS_TOTAL = "loss/total"
-LOSS_PQ_CLASS = "loss/pq_class"
-LOSS_PQ_DICE = "loss/pq_dice"
-LOSS_MASK_ID = "loss/mask_id"
-LOSS_INSTANCE_DISCRIMINATION = "loss/instance_discrimination"
-LOSS_SEMANTIC = "loss/semantic"
 TRAIN_LR = "train/lr"
 TRAIN_IMAGES_PER_S = "train/images_per_s"
 TRAIN_BAD_STEPS = "train/bad_steps"  # non-finite losses skipped so far

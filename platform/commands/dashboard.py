@@ -13,8 +13,13 @@ UI_LOG = "mlflow_ui.log"  # in the work dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from maxdeeplab.dashboards.mlflow_ui import DEFAULT_PORT
+
     parser.add_argument(
-        "--port", type=int, default=5000, help="loopback port (0: any free port; default 5000)"
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"loopback port (0: any free port; default {DEFAULT_PORT})",
     )
     add_store_arguments(parser)
 

@@ -255,25 +255,6 @@ class CocoPanoptic:
         return read_panoptic_png(self.label_path(self.records[index]))
 
 
-def segment_table(
-    segments: tuple[Segment, ...] | list[Segment], info: DatasetInfo
-) -> dict[str, np.ndarray]:
-    """Per-segment arrays used to turn a segment-id map into training labels.
-
-    Returns:
-        dict of (M,) arrays: `id` int64, `semantic` int64 (contiguous), `isthing` bool,
-        `iscrowd` bool, in `segments` order.
-    """
-    return {
-        "id": np.array([s.id for s in segments], dtype=np.int64),
-        "semantic": np.array([info.to_contiguous(s.category_id) for s in segments], dtype=np.int64),
-        "isthing": np.array(
-            [info.isthing(info.to_contiguous(s.category_id)) for s in segments], dtype=bool
-        ),
-        "iscrowd": np.array([s.iscrowd for s in segments], dtype=bool),
-    }
-
-
 def segment_index_map(
     ids: np.ndarray, segments: tuple[Segment, ...] | list[Segment], crowd_as_void: bool = True
 ) -> np.ndarray:
