@@ -200,6 +200,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from maxdeeplab.platform.placement_groups import PlacementGroupRecorder
     from maxdeeplab.platform.train import LoopOptions, train_loop_per_worker
 
     res = cfg.resources
@@ -212,6 +213,8 @@ def build_trainer(
         resources_per_worker=per_worker,
         placement_strategy=res.placement_strategy,
     )
+    if not local:  # the driver removes what this records when fit() ends (placement_groups.py)
+        callbacks = [*callbacks, PlacementGroupRecorder(str(run_directory(cfg, run_name)))]
     run_config = RunConfig(
         name=run_name,
         storage_path=str(work_dir(cfg) / RAY_SUBDIR),
@@ -269,6 +272,7 @@ def train(
         TrainingFailed: the workers failed beyond `resources.max_failures` (one line, the cause).
         TrainingDiverged: the loss stayed non-finite for too long.
     """
+    from maxdeeplab.platform.placement_groups import remove_placement_groups
     from maxdeeplab.platform.train import TrainingDiverged, read_status
 
     cfg = prepare_experiment(cfg)
@@ -307,6 +311,9 @@ def train(
         if mlflow_run_id:
             tracking.finish_run(cfg, mlflow_run_id, "FAILED")
         raise _one_line_error(exc, cfg) from None
+    finally:
+        if not local:
+            remove_placement_groups(str(run_dir))
     status = read_status(run_dir)
     if status.get("status") == "diverged":
         if mlflow_run_id:

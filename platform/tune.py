@@ -32,6 +32,7 @@ from maxdeeplab.platform import tracking
 from maxdeeplab.platform.config import ExperimentConfig, work_dir
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
 from maxdeeplab.platform.launch import prepare_experiment, run_directory, start_ray, train
+from maxdeeplab.platform.placement_groups import remove_placement_groups
 from maxdeeplab.platform.sweep_config import Sweep, expand_bundles, load_sweep
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def run_sweep(path: str | Path, *, resume: bool = False, address: str = "") -> S
     check_resources(sweep, cfg)
     parent_id = _parent_run(sweep, cfg, directory)
     started = time.monotonic()
-    tuner = _tuner(sweep, directory, parent_id, work_root=work_dir(cfg))
+    tuner = _tuner(sweep, cfg, directory, parent_id)
     results = tuner.fit()
     wall = time.monotonic() - started
     summaries = [_summary(sweep, cfg, result) for result in results]
@@ -162,12 +163,12 @@ def _parent_run(sweep: Sweep, cfg: ExperimentConfig, directory: Path) -> str:
     return run_id
 
 
-def _tuner(sweep: Sweep, directory: Path, parent_id: str, *, work_root: Path) -> Any:
+def _tuner(sweep: Sweep, cfg: ExperimentConfig, directory: Path, parent_id: str) -> Any:
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             sweep_path=str(sweep.path),
-            work_root=str(work_root),
+            work_root=str(work_dir(cfg)),
             parent_id=parent_id,
         ),
         TRIAL_RESOURCES,
@@ -201,7 +202,10 @@ def _tuner(sweep: Sweep, directory: Path, parent_id: str, *, work_root: Path) ->
             max_concurrent_trials=settings.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
-            name=directory.name, storage_path=str(directory.parent), verbose=1
+            name=directory.name,
+            storage_path=str(directory.parent),
+            verbose=1,
+            callbacks=[TrialCleanup(sweep, cfg)],
         ),
     )
 
@@ -227,6 +231,29 @@ def run_trial(point: dict[str, Any], *, sweep_path: str, work_root: str, parent_
 
 def trial_run_name(sweep: Sweep, trial_id: str) -> str:
     return f"{sweep.name}-{trial_id}"
+
+
+class TrialCleanup(tune.Callback):
+    """Removes an ended trial's placement groups in the sweep's driver.
+
+    A trial that ends on its own removes them itself (`launch.train`); one that the scheduler
+    stops, or whose actor dies, cannot, and its workers' reservation would block every later
+    trial (placement_groups.py).
+    """
+
+    def __init__(self, sweep: Sweep, cfg: ExperimentConfig) -> None:
+        self.sweep = sweep
+        self.cfg = cfg
+
+    def _cleanup(self, trial: Any) -> None:
+        run_dir = run_directory(self.cfg, trial_run_name(self.sweep, trial.trial_id))
+        remove_placement_groups(str(run_dir))
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._cleanup(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._cleanup(trial)
 
 
 class EvalReportCallback(TuneReportCallback):

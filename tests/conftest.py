@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -27,3 +28,18 @@ def ray_session() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def assert_no_placement_groups() -> Callable[[], None]:
+    """Checks Ray's placement-group table: nothing a finished run or trial created still holds
+    resources. Removal is asynchronous in Ray's GCS, hence a short wait."""
+    from maxdeeplab.platform.placement_groups import live_placement_groups
+
+    def check() -> None:
+        deadline = time.monotonic() + 10
+        while (live := live_placement_groups()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not live, f"placement groups left behind: {live}"
+
+    return check

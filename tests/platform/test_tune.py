@@ -116,7 +116,8 @@ def test_sweep_resumes_after_its_driver_is_killed(ray_session, tmp_path):
     assert parents[0].info.status == "FINISHED"
 
 
-def test_asha_stops_a_diverging_trial_early(ray_session, tmp_path):
+def test_asha_stops_a_diverging_trial_early(ray_session, tmp_path, assert_no_placement_groups):
+    """Two trials, one at a time: the second starts only if the first's reservation is gone."""
     path = write_sweep(
         tmp_path,
         "  optim.lr: {grid: [2.0e-3, 10.0]}",
@@ -131,6 +132,7 @@ def test_asha_stops_a_diverging_trial_early(ray_session, tmp_path):
     assert summaries[2e-3].steps == 80
     assert summaries[10.0].steps < 80, "ASHA let the lr=10 trial run to the end"
     assert summaries[10.0].metrics[tracking.VAL_PQ] < summaries[2e-3].metrics[tracking.VAL_PQ]
+    assert_no_placement_groups()  # including the stopped trial's
 
 
 def test_unsatisfiable_resources_fail_before_any_trial(ray_session, tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from maxdeeplab.platform import tracking
 from maxdeeplab.platform.config import ExperimentConfig, load_experiment, to_params
-from maxdeeplab.platform.launch import prepare_experiment, train
+from maxdeeplab.platform.launch import TrainingFailed, prepare_experiment, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 HERE = Path(__file__).parent
@@ -49,7 +49,9 @@ def client(cfg: ExperimentConfig):
     return MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
 
 
-def test_two_worker_ddp_run_learns_and_is_tracked(ray_session, tmp_path: Path) -> None:
+def test_two_worker_ddp_run_learns_and_is_tracked(
+    ray_session, tmp_path: Path, assert_no_placement_groups
+) -> None:
     cfg = experiment(
         tmp_path,
         "resources.num_workers=2",
@@ -79,6 +81,7 @@ def test_two_worker_ddp_run_learns_and_is_tracked(ray_session, tmp_path: Path) -
     artifacts = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint", "pq", "predictions"} <= artifacts
     assert outcome.metrics["step"] == 20 and tracking.VAL_PQ in outcome.metrics
+    assert_no_placement_groups()  # a finished run leaves no reservation behind
 
 
 def final_weights(cfg: ExperimentConfig, run_id: str, into: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +89,9 @@ def final_weights(cfg: ExperimentConfig, run_id: str, into: Path) -> dict[str, t
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_killed_worker_resumes_exactly(ray_session, tmp_path: Path) -> None:
+def test_killed_worker_resumes_exactly(
+    ray_session, tmp_path: Path, assert_no_placement_groups
+) -> None:
     overrides = (
         "train.steps=8",
         "train.batch_size=2",
@@ -119,6 +124,22 @@ def test_killed_worker_resumes_exactly(ray_session, tmp_path: Path) -> None:
     # ... and MLflow holds one run for it
     runs = tracking.find_runs(cfg, "killed")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert_no_placement_groups()  # neither the killed worker group's nor its successor's
+
+
+def test_failed_run_leaves_no_placement_group(
+    ray_session, tmp_path: Path, assert_no_placement_groups
+) -> None:
+    cfg = experiment(
+        tmp_path,
+        "train.steps=4",
+        "train.batch_size=2",
+        "eval.interval=4",
+        "resources.max_failures=0",
+    )
+    with pytest.raises(TrainingFailed, match="worker rank 0 failed"):
+        train(cfg, run_name="failed", crash_at_step=2)
+    assert_no_placement_groups()
 
 
 def test_two_node_cluster_trains_and_evaluates(tmp_path: Path) -> None:
