@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maxdeeplab.models.backbone.axial_resnet import MEMORY_FEATURE
 from maxdeeplab.models.backbone.block_group import TRANSFORMER, BlockGroup
-from maxdeeplab.models.maxdeeplab import MaXDeepLab, parameter_groups
+from maxdeeplab.models.network import MaXDeepLab, parameter_groups
 
 
 @dataclass

@@ -23,18 +23,18 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from maxdeeplab.models.maxdeeplab import build_model
+from maxdeeplab.models.network import build_model
 from maxdeeplab.models.postprocess import panoptic_inference
-from maxdeeplab.platform.checkpoint import load_model_weights
 from maxdeeplab.platform.config import ExperimentConfig, load_experiment
 from maxdeeplab.platform.data.coco import CocoPanoptic, DatasetInfo
 from maxdeeplab.platform.data.loader import resolve_data_root
 from maxdeeplab.platform.data.panoptic_format import read_image, write_panoptic_png
 from maxdeeplab.platform.data.transforms import EvalTransform
 from maxdeeplab.platform.errors import ConfigError
+from maxdeeplab.platform.training.checkpoint import load_model_weights
 from maxdeeplab.platform.visualize import colorize_panoptic, side_by_side
 
-RUN_CONFIG_FILE = "config.yaml"  # written by `platform/launch.py` into every run directory
+RUN_CONFIG_FILE = "config.yaml"  # written by `platform/training/launch.py` into every run directory
 
 
 @dataclass

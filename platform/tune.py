@@ -31,9 +31,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from maxdeeplab.platform import tracking
 from maxdeeplab.platform.config import ExperimentConfig, work_dir
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
-from maxdeeplab.platform.launch import prepare_experiment, run_directory, start_ray, train
-from maxdeeplab.platform.placement_groups import remove_placement_groups
 from maxdeeplab.platform.sweep_config import Sweep, expand_bundles, load_sweep
+from maxdeeplab.platform.training.launch import prepare_experiment, run_directory, start_ray, train
+from maxdeeplab.platform.training.placement_groups import remove_placement_groups
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ def ray_session() -> Iterator[None]:
     different cluster (e.g. a simulated multi-node one) runs it in a subprocess instead.
     """
     ray = pytest.importorskip("ray")
-    from maxdeeplab.platform.launch import free_port
+    from maxdeeplab.platform.training.launch import free_port
 
     if not ray.is_initialized():
         ray.init(
@@ -34,7 +34,7 @@ def ray_session() -> Iterator[None]:
 def assert_no_placement_groups() -> Callable[[], None]:
     """Checks Ray's placement-group table: nothing a finished run or trial created still holds
     resources. Removal is asynchronous in Ray's GCS, hence a short wait."""
-    from maxdeeplab.platform.placement_groups import live_placement_groups
+    from maxdeeplab.platform.training.placement_groups import live_placement_groups
 
     def check() -> None:
         deadline = time.monotonic() + 10

@@ -1,42 +1,38 @@
-"""Guards for the package layout (DESIGN §1): the stdlib `platform` must never be shadowed."""
+"""Guards for the package layout (docs/architecture.md): four layers, the stdlib `platform` intact.
+
+`maxdeeplab/` links the top-level folders into one package, so an import such as
+`maxdeeplab.platform.config` can be followed from the file tree by any tool. Every folder is a
+regular package except `platform/`, which must stay a namespace portion.
+"""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAPPED = {
-    "models": "maxdeeplab.models",
-    "platform": "maxdeeplab.platform",
-    "dashboards": "maxdeeplab.dashboards",
-}
+# The layers, lowest first: a module may import its own layer and those before it, never after.
+LAYERS = ["models", "platform", "dashboards", "cli"]
+LINKED = [*LAYERS, "experiments"]
 
 
-def _declared() -> tuple[set[str], dict[str, str]]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    setuptools = project["tool"]["setuptools"]
-    return set(setuptools["packages"]), setuptools["package-dir"]
+def test_package_links_point_at_the_top_level_folders():
+    assert (ROOT / "maxdeeplab" / "__init__.py").is_file()
+    for folder in LINKED:
+        link = ROOT / "maxdeeplab" / folder
+        assert link.is_symlink() and link.resolve() == ROOT / folder, link
 
 
-def test_mapped_folders_have_no_init_py():
-    for folder in MAPPED:
-        offenders = sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("__init__.py"))
-        assert offenders == [], f"{offenders} would shadow the stdlib or break the namespace layout"
-
-
-def test_every_code_folder_is_declared():
-    packages, package_dir = _declared()
-    for folder, package in MAPPED.items():
-        assert package_dir[package] == folder
-        for directory in [ROOT / folder, *(ROOT / folder).rglob("*")]:
-            if directory.is_dir() and any(directory.glob("*.py")):
-                rel = directory.relative_to(ROOT / folder).parts
-                name = ".".join([package, *rel])
-                assert name in packages, f"{directory} holds .py files but {name} is not declared"
+def test_only_platform_is_a_namespace_portion():
+    assert not (ROOT / "platform" / "__init__.py").exists(), "would shadow the stdlib `platform`"
+    for layer in LAYERS:
+        for directory in [ROOT / layer, *(ROOT / layer).rglob("*")]:
+            if directory == ROOT / "platform" or not directory.is_dir():
+                continue
+            if any(directory.glob("*.py")):
+                assert (directory / "__init__.py").is_file(), f"{directory} lacks __init__.py"
 
 
 def test_stdlib_platform_is_not_shadowed_from_repo_root():
@@ -58,16 +54,29 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_models_never_import_platform_or_dashboards():
-    for path in (ROOT / "models").rglob("*.py"):
-        bad = {
-            name
-            for name in _imports(path)
-            if name.startswith(("maxdeeplab.platform", "maxdeeplab.dashboards"))
-        }
-        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+def test_nothing_imports_upward():
+    """models <- platform <- dashboards <- cli, on every import statement (lazy ones too)."""
+    for rank, layer in enumerate(LAYERS):
+        above = tuple(f"maxdeeplab.{upper}" for upper in LAYERS[rank + 1 :])
+        for path in (ROOT / layer).rglob("*.py"):
+            bad = {name for name in _imports(path) if above and name.startswith(above)}
+            assert not bad, f"{path.relative_to(ROOT)} ({layer}) imports {sorted(bad)}"
+
+
+def test_imports_resolve_to_files_in_the_tree():
+    """Every `maxdeeplab.x.y` imported anywhere is a module or package under maxdeeplab/."""
+    for path in [p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")]:
+        for name in _imports(path):
+            if not name.startswith("maxdeeplab."):
+                continue
+            target = ROOT.joinpath(*name.split("."))
+            assert target.with_suffix(".py").is_file() or target.is_dir(), (
+                f"{path.relative_to(ROOT)} imports {name}, which is not in the tree"
+            )
 
 
 def test_installed_package_imports_its_subpackages():
+    import maxdeeplab.cli.main
+    import maxdeeplab.dashboards.zoo_table
     import maxdeeplab.models.config
     import maxdeeplab.platform.config  # noqa: F401

@@ -14,7 +14,7 @@ region back out and nearest-resizes (align corners) to the raw size before PQ.
 Labels are COCO panoptic segment-id maps (H x W int64): nearest resizing keeps ids intact, so the
 targets are built after augmentation, as deeplab2's sample generator does. Images are read as
 H x W x 3 uint8 and transformed as 3 x H x W float32 tensors in [0, 255]; the model applies
-deeplab2's normalisation x / 127.5 - 1 itself (`models/maxdeeplab.py`), mapping the pad to 0.
+deeplab2's normalisation x / 127.5 - 1 itself (`models/network.py`), mapping the pad to 0.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_dashboard_shows_experiment_and_val_pq_in_chromium(tracking_work_dir, tm
     experiment_id, run_id = _make_store(work_dir)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    command = [sys.executable, "-m", "maxdeeplab.platform.cli", "dashboard"]
+    command = [sys.executable, "-m", "maxdeeplab.cli", "dashboard"]
     command += ["--port", str(port), "--work-dir", str(work_dir)]
     cli = subprocess.Popen(
         command,

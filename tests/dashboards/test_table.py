@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from maxdeeplab.cli.main import main
 from maxdeeplab.dashboards.model_zoo import published_rows
 from maxdeeplab.dashboards.zoo_table import TABLE_RUN_NAME, build_table, render_table
 from maxdeeplab.platform import tracking
-from maxdeeplab.platform.cli import main
 from maxdeeplab.platform.config import load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]

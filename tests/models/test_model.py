@@ -13,7 +13,7 @@ from torch import nn
 from maxdeeplab.models.complexity import count_macs, count_parameters
 from maxdeeplab.models.config import ModelConfig, variant_overrides
 from maxdeeplab.models.layers import ConvBN
-from maxdeeplab.models.maxdeeplab import (
+from maxdeeplab.models.network import (
     MaXDeepLab,
     build_model,
     drop_path_keep_probs,

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from maxdeeplab.cli.main import main as cli_main
 from maxdeeplab.models.config import LossConfig, ModelConfig, PostprocessConfig, variant_overrides
 from maxdeeplab.models.losses.criterion import compute_losses
-from maxdeeplab.models.maxdeeplab import PIXEL_SCALE, build_model
+from maxdeeplab.models.network import PIXEL_SCALE, build_model
 from maxdeeplab.models.postprocess import panoptic_inference
 from maxdeeplab.models.structures import MaXDeepLabOutput, PanopticTargets
-from maxdeeplab.platform.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = os.environ.get("DEEPLAB2_ENV", "")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from maxdeeplab.cli.main import main
 from maxdeeplab.models.config import ModelConfig
-from maxdeeplab.platform.cli import main
 from maxdeeplab.platform.config import ExperimentConfig, load_experiment, to_params, to_yaml
 from maxdeeplab.platform.errors import ConfigError
 from maxdeeplab.platform.sweep_config import load_sweep

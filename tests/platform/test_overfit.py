@@ -21,7 +21,7 @@ import torch
 
 from maxdeeplab.models.config import LossConfig, ModelConfig, PostprocessConfig, variant_overrides
 from maxdeeplab.models.losses.criterion import compute_losses
-from maxdeeplab.models.maxdeeplab import build_model
+from maxdeeplab.models.network import build_model
 from maxdeeplab.models.postprocess import batch_panoptic_inference
 from maxdeeplab.models.structures import PanopticTargets
 from maxdeeplab.platform.data.coco import CocoPanoptic, segment_index_map

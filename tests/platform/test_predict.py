@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from maxdeeplab.models.maxdeeplab import build_model
-from maxdeeplab.platform.checkpoint import MODEL_FILE
-from maxdeeplab.platform.cli import main
+from maxdeeplab.cli.main import main
+from maxdeeplab.models.network import build_model
 from maxdeeplab.platform.config import load_experiment, to_yaml
 from maxdeeplab.platform.data.panoptic_format import read_panoptic_png
-from maxdeeplab.platform.launch import prepare_experiment
+from maxdeeplab.platform.training.checkpoint import MODEL_FILE
+from maxdeeplab.platform.training.launch import prepare_experiment
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from maxdeeplab.platform.cli import main
+from maxdeeplab.cli.main import main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PQ_FLOOR = 30.0

@@ -81,7 +81,7 @@ def test_sweep_resumes_after_its_driver_is_killed(ray_session, tmp_path):
     )
     address = ray.get_runtime_context().gcs_address
     driver = subprocess.Popen(
-        [sys.executable, "-m", "maxdeeplab.platform.cli", "sweep", str(path), "--address", address],
+        [sys.executable, "-m", "maxdeeplab.cli", "sweep", str(path), "--address", address],
         stdout=(tmp_path / "driver.log").open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

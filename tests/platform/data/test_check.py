@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maxdeeplab.platform.cli import main
+from maxdeeplab.cli.main import main
 from maxdeeplab.platform.data.check import check_split
 from maxdeeplab.platform.data.coco import CocoPanoptic
 from maxdeeplab.platform.data.panoptic_format import read_panoptic_png, write_panoptic_png

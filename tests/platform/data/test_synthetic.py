@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from maxdeeplab.platform.cli import main
+from maxdeeplab.cli.main import main
 from maxdeeplab.platform.data.check import check_split
 from maxdeeplab.platform.data.coco import CocoPanoptic
 from maxdeeplab.platform.data.synthetic import (

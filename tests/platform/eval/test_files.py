@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maxdeeplab.platform.cli import main
+from maxdeeplab.cli.bench.synthetic_pairs import NEVER_USED, write_pair_set
+from maxdeeplab.cli.main import main
 from maxdeeplab.platform.data.panoptic_format import read_panoptic_png, write_panoptic_png
 from maxdeeplab.platform.errors import DataError, EvaluationError
 from maxdeeplab.platform.eval.accumulator import PQAccumulator
 from maxdeeplab.platform.eval.files import evaluate_files
-from maxdeeplab.platform.eval.synthetic_pairs import NEVER_USED, write_pair_set
 
 TOLERANCE = 1e-9
 evaluation = pytest.importorskip("panopticapi.evaluation")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from maxdeeplab.cli.bench.synthetic_pairs import make_pair, synthetic_categories
 from maxdeeplab.platform.errors import EvaluationError
 from maxdeeplab.platform.eval.accumulator import PQAccumulator
 from maxdeeplab.platform.eval.pq import PQStat
-from maxdeeplab.platform.eval.synthetic_pairs import make_pair, synthetic_categories
 
 # category id -> isthing
 CATEGORIES = {1: True, 2: True, 3: True, 10: False, 11: False}

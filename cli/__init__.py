@@ -1,0 +1,1 @@
+"""The command line (`maxdeeplab VERB`) and the benchmarks: the application layer."""

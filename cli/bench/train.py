@@ -1,0 +1,148 @@
+"""`maxdeeplab bench train`: the step rate inside a 1-worker Ray TorchTrainer vs a plain loop.
+
+Both sides run the same code (`timed_steps`: the synthetic loader, the model,
+`train.train_step`) with the same thread count, in the same invocation; only the process differs:
+this one, or a Ray Train worker actor. The plain loop runs before and after the Ray run and the
+faster of the two is the reference (conservative when the machine's load drifts). Goal: Ray >=
+0.95x the plain loop. Warm-up steps (allocator, oneDNN kernel selection) are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+GOAL = 0.95
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", default="max_deeplab_tiny", help="model.variant")
+    parser.add_argument("--crop", type=int, default=129, help="data.crop_size (16k+1)")
+    parser.add_argument("--batch", type=int, default=4, help="images per step")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (= worker CPUs)"
+    )
+    parser.add_argument("--work-dir", default="runs/bench", help="synthetic data cache")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster")
+
+
+def bench_experiment(args: argparse.Namespace) -> Any:
+    from maxdeeplab.platform.config import load_experiment
+
+    return load_experiment(
+        None,
+        [
+            f"model.variant={args.variant}",
+            f"data.crop_size={args.crop}",
+            f"train.batch_size={args.batch}",
+            f"train.steps={args.warmup + args.steps}",
+            "data.num_workers=0",
+            f"work_dir={os.path.abspath(args.work_dir)}",
+            f"resources.cpus_per_worker={args.threads}",
+        ],
+    )
+
+
+def timed_steps(cfg: Any, *, steps: int, warmup: int, threads: int) -> float:
+    """Training steps per second over `steps` steps after `warmup` untimed ones."""
+    import torch
+
+    from maxdeeplab.models.network import build_model, parameter_groups
+    from maxdeeplab.platform.data.loader import build_loader, build_train_dataset, iterate_from
+    from maxdeeplab.platform.training.loop import seed_step, train_step
+    from maxdeeplab.platform.training.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    train_set = build_train_dataset(cfg.data, cfg.loss, work_dir=cfg.work_dir, seed=cfg.seed)
+    info = train_set.split.info
+    cfg = replace(cfg, model=replace(cfg.model, num_classes=info.num_classes))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(*parameter_groups(model), cfg.optim)
+    batches = iterate_from(build_loader(train_set, batch_size=cfg.train.batch_size), 0)
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        batch = next(batches)
+        seed_step(cfg.seed, step, 0)
+        train_step(
+            model,
+            optimizer,
+            [batch],
+            step=step,
+            cfg=cfg,
+            num_thing_classes=info.num_thing_classes,
+            device=device,
+        )
+    return steps / (time.perf_counter() - start)
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    import tempfile
+
+    import ray.train
+
+    rate = timed_steps(
+        config["cfg"], steps=config["steps"], warmup=config["warmup"], threads=config["threads"]
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        # Result.metrics holds the last report that carried a checkpoint (ray_notes.md).
+        ray.train.report(
+            {"steps_per_s": rate}, checkpoint=ray.train.Checkpoint.from_directory(directory)
+        )
+
+
+def ray_steps_per_s(cfg: Any, args: argparse.Namespace) -> float:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "threads": args.threads,
+        },
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.threads}),
+        run_config=RunConfig(
+            name=f"bench-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=os.path.join(cfg.work_dir, "ray"),
+        ),
+    )
+    return float(trainer.fit().metrics["steps_per_s"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from maxdeeplab.platform.training.launch import prepare_experiment, start_ray
+
+    cfg = prepare_experiment(bench_experiment(args))  # generates the synthetic set once
+    print(
+        f"bench train: {args.variant}, crop {args.crop}, batch {args.batch}, "
+        f"{args.steps} timed steps after {args.warmup}, {args.threads} threads"
+    )
+    kwargs = dict(steps=args.steps, warmup=args.warmup, threads=args.threads)
+    plain_before = timed_steps(cfg, **kwargs)
+    print(f"  plain loop (before): {plain_before:7.3f} steps/s")
+    if not ray.is_initialized():
+        start_ray(args.address, quiet=True)
+    in_ray = ray_steps_per_s(cfg, args)
+    print(f"  Ray Train, 1 worker: {in_ray:7.3f} steps/s")
+    plain_after = timed_steps(cfg, **kwargs)
+    print(f"  plain loop (after):  {plain_after:7.3f} steps/s")
+    # The faster plain run is the reference: conservative when the machine's load drifts.
+    plain = max(plain_before, plain_after)
+    ratio = in_ray / plain
+    verdict = "meets" if ratio >= GOAL else "misses"
+    print(f"  ratio Ray / plain:   {ratio:7.3f}  ({verdict} the goal >= {GOAL})")
+    print(f"  images/s: plain {plain * args.batch:.2f}, Ray {in_ray * args.batch:.2f}")
+    return 0

@@ -1,0 +1,1 @@
+"""One module per CLI verb, each with `add_arguments(parser)` and `run(args)`."""

@@ -1,0 +1,1 @@
+"""COCO-panoptic data: reader, synthetic generator, deeplab2's augmentation, targets, loaders."""

@@ -1,0 +1,1 @@
+"""Panoptic quality (PQ, SQ, RQ) with panopticapi's semantics, in memory and from files."""

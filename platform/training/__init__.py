@@ -1,0 +1,1 @@
+"""The training stack: driver (launch), Ray Train worker loop, checkpoints, optimiser, progress."""
