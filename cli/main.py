@@ -1,4 +1,4 @@
-"""The `maxdeeplab` command line (DESIGN §6).
+"""The `maxdeeplab` command line (docs/architecture.md#command-line).
 
 Each verb lives in its own module under `maxdeeplab.cli.commands` and exposes
 `add_arguments(parser)` and `run(args) -> int`; those modules keep heavy imports (torch, ray,

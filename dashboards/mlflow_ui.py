@@ -1,4 +1,6 @@
-"""The MLflow UI over the project's tracking store, bound to the loopback interface (DESIGN §6).
+"""The MLflow UI over the project's tracking store, bound to the loopback interface.
+
+See docs/architecture.md#command-line.
 
 `mlflow ui` runs as a child process in its own process group: it starts web-server workers of its
 own, and a group lets one signal stop all of them (and keeps the terminal's Ctrl-C for us, so we
@@ -26,7 +28,8 @@ DEFAULT_PORT = 5000  # MLflow's own default
 # small machine the UI then starts faster and stops at once. The user's environment still wins.
 UI_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 UI_WORKERS = 1
-STARTUP_TIMEOUT_S = 120.0  # measured ~12 s on a 2-core machine (ray_notes.md); slower under load
+# measured ~12 s on a 2-core machine (docs/architecture.md#other-observations); slower under load
+STARTUP_TIMEOUT_S = 120.0
 
 
 def free_port(host: str = LOOPBACK) -> int:

@@ -1,10 +1,11 @@
 """The published MaX-DeepLab model zoo (COCO val), as data.
 
 `model_zoo.csv` next to this module is a copy of the project's reference table (deeplab2's
-`g3doc/projects/max_deeplab.md`, spec §5.4/§8.1): one row per `experiments/model_zoo/<name>.yaml`
-config, with the settings that define the row and its published numbers. `pq`, `pq_thing` and
-`pq_stuff` come from the official panopticapi script, `pq_pipeline` (PQ**) from deeplab2's own
-TensorFlow evaluation (crowd counted as void, spec §6.3). All numbers are percentages.
+`g3doc/projects/max_deeplab.md`, docs/deeplab2.md#model-zoo-configs): one row per
+`experiments/model_zoo/<name>.yaml` config, with the settings that define the row and its
+published numbers. `pq`, `pq_thing` and `pq_stuff` come from the official panopticapi script,
+`pq_pipeline` (PQ**) from deeplab2's own TensorFlow evaluation (crowd counted as void,
+docs/deeplab2.md#pipeline-pq). All numbers are percentages.
 """
 
 from __future__ import annotations

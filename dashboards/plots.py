@@ -80,12 +80,13 @@ def metric_vs_key_figure(points: Sequence[tuple[str, float]], key: str, title: s
     fig = _figure(5.5, 4.0)
     ax = fig.subplots()
     numeric = all(_is_number(value) for value, _ in points)
+    order: list[Any]
     if numeric:
         order = sorted({float(value) for value, _ in points})
         xs = [float(value) for value, _ in points]
     else:
-        order = sorted({value for value, _ in points})
-        xs = [order.index(value) for value, _ in points]
+        order = sorted({str(value) for value, _ in points})
+        xs = [order.index(str(value)) for value, _ in points]
         ax.set_xticks(range(len(order)), order)
     ys = [pq * PERCENT for _, pq in points]
     ax.scatter(xs, ys, color="tab:blue", zorder=3, label="trial")

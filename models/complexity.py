@@ -1,9 +1,10 @@
 """Model size and cost: parameter counts by part and multiply-accumulates at a crop size.
 
-The counts reproduce deeplab2's unit-test sets (spec §8.3): MaX-DeepLab-S on COCO has 61,900,200
-trainable parameters without the auxiliary semantic branch, an encoder of 61,726,624 and an
-ImageNet-pretrained part of 41,343,424; MaX-DeepLab-L's encoder has 450,523,232. Everything here
-works on the meta device, so even -L is counted without allocating memory.
+The counts reproduce deeplab2's unit-test sets (docs/deeplab2.md#parameter-and-mac-counts):
+MaX-DeepLab-S on COCO has 61,900,200 trainable parameters without the auxiliary semantic branch,
+an encoder of 61,726,624 and an ImageNet-pretrained part of 41,343,424; MaX-DeepLab-L's encoder
+has 450,523,232. Everything here works on the meta device, so even -L is counted without
+allocating memory.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Model, loss and post-processing settings: the one source of truth for their defaults.
 
 The dataclass defaults *are* MaX-DeepLab-S for COCO as configured by deeplab2's model-zoo textprotos
-(spec §1-6; `configs/coco/max_deeplab/*.textproto`). Other named variants are data: `VARIANTS`
-maps a name to the fields it overrides, applied before the experiment YAML (DESIGN §3).
+(`configs/coco/max_deeplab/*.textproto`; docs/deeplab2.md). Other named variants are data:
+`VARIANTS` maps a name to the fields it overrides, applied before the experiment YAML
+(docs/architecture.md#configuration).
 
 This module is pure Python: `models/` never imports `platform/`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+BACKBONE_TYPES = ("resnet_beta", "wider_resnet")
 DROP_PATH_SCHEDULES = ("constant", "linear")
 POSTPROCESS_MODES = ("pixelwise", "maskwise")
 NEGATIVE_WEIGHTINGS = ("void_ratio", "constant")
@@ -19,12 +21,16 @@ NEGATIVE_WEIGHTINGS = ("void_ratio", "constant")
 
 @dataclass
 class ModelConfig:
-    """MaX-DeepLab architecture (spec §1-3). Defaults: MaX-DeepLab-S, output stride 16."""
+    """MaX-DeepLab architecture. Defaults: MaX-DeepLab-S, output stride 16.
+
+    See docs/deeplab2.md#backbone, #dual-path-transformer and #decoder-and-heads.
+    """
 
     variant: str = "max_deeplab_s"
     num_classes: int = 133  # real classes (things + stuff); the heads add void. COCO: 80 + 53.
-    # Semantic ids 1..num_thing_classes are things, the rest stuff (spec §7.3; deeplab2 thing list
-    # range(1, 81)). Used by the loss targets (stuff mask columns) and post-processing.
+    # Semantic ids 1..num_thing_classes are things, the rest stuff (deeplab2 thing list
+    # range(1, 81); docs/deeplab2.md#coco-panoptic-ids). Used by the loss targets (stuff mask
+    # columns) and post-processing.
     num_thing_classes: int = 80
     # Backbone (ResNet-50-beta + axial attention from stride 16).
     num_blocks: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
@@ -39,7 +45,7 @@ class ModelConfig:
     rpe_length: int = (
         509  # relative-position table length (covers any crop <= 2049 at stride 16... 8)
     )
-    # Dual-path transformer (spec §2).
+    # Dual-path transformer (docs/deeplab2.md#dual-path-transformer).
     num_mask_slots: int = 128
     memory_channels: int = 256
     transformer_expansion: float = 1.0  # DPT filters = 128 * expansion
@@ -52,18 +58,20 @@ class ModelConfig:
     extra_decoder_use_transformer_beyond_stride: int = 32
     backbone_decoder_num_stacks: int = 0
     extra_decoder_num_stacks: int = 0
-    # Pixel decoder and heads (spec §3).
+    # Pixel decoder and heads (docs/deeplab2.md#decoder-and-heads).
     pixel_embed_dim: int = 128
     pixel_head_channels: int = 256
     mask_logit_bn_gamma_init: float = 0.1
-    void_prior_prob: float = 0.9  # class-head void bias log((K)*0.9/0.1) (spec §3.2)
+    # class-head void bias log((K)*0.9/0.1) (docs/deeplab2.md#output-heads)
+    void_prior_prob: float = 0.9
     use_aux_semantic: bool = True  # the auxiliary semantic decoder (a training signal)
     aspp_channels: int = 256
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
     low_level_channels: list[int] = field(default_factory=lambda: [64, 32])
     semantic_decoder_channels: int = 256
     semantic_head_channels: int = 256  # auxiliary semantic head's separable 5x5 conv
-    # Regularisation and normalisation (spec §1.7-1.8).
+    # Regularisation (docs/deeplab2.md#drop-path) and normalisation
+    # (docs/deeplab2.md#normalisation-and-initialisation).
     drop_path_keep_prob: float = 0.8
     drop_path_schedule: str = (
         "linear"  # deeplab2's default is 'constant'; every COCO config uses 'linear'
@@ -80,7 +88,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """MaX-DeepLab losses (spec §4). Total = sum of weight * term."""
+    """MaX-DeepLab losses (docs/deeplab2.md#losses). Total = sum of weight * term."""
 
     pq_style_weight: float = 3.0
     mask_id_weight: float = 0.3
@@ -96,7 +104,10 @@ class LossConfig:
 
 @dataclass
 class PostprocessConfig:
-    """Panoptic inference (spec §6). Area limits are for the 641 crop (256 / 4096 at 1025)."""
+    """Panoptic inference. Area limits are for the 641 crop (256 / 4096 at 1025).
+
+    See docs/deeplab2.md#post-processing.
+    """
 
     mode: str = "pixelwise"
     class_threshold: float = 0.7
@@ -104,7 +115,7 @@ class PostprocessConfig:
     thing_area_limit: int = 100
     stuff_area_limit: int = 1600
     label_divisor: int = 256
-    # maskwise-only (spec §6.2)
+    # maskwise-only (docs/deeplab2.md#maskwise)
     overlap_threshold: float = 0.5
     reorder_class_weight: float = 1.0  # maskwise rank = conf^this * mean_mask_prob^mask weight
     reorder_mask_weight: float = 0.0
@@ -162,3 +173,24 @@ def variant_overrides(name: str) -> dict[str, Any]:
     if name not in VARIANTS:
         raise KeyError(f"unknown model variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
     return dict(VARIANTS[name])
+
+
+def model_config_problem(cfg: ModelConfig) -> tuple[str, Any, str] | None:
+    """The first ModelConfig rule that a type check cannot express and `cfg` breaks, or None.
+
+    The only home of these rules: the experiment loader and `build_model` both ask here, so the
+    modules below `build_model` take their settings as given.
+
+    Returns:
+        (field name, value, reason), e.g. ("drop_path_schedule", "cosine", "expected one of ...").
+    """
+    choices = {
+        "backbone_type": (cfg.backbone_type, BACKBONE_TYPES),
+        "drop_path_schedule": (cfg.drop_path_schedule, DROP_PATH_SCHEDULES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            return key, value, f"expected one of {', '.join(allowed)}"
+    if not 0.0 < cfg.drop_path_keep_prob <= 1.0:
+        return "drop_path_keep_prob", cfg.drop_path_keep_prob, "must be in (0, 1]"
+    return None

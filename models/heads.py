@@ -1,4 +1,6 @@
-"""MaX-DeepLab output heads and the auxiliary semantic branch (spec §3.2).
+"""MaX-DeepLab output heads and the auxiliary semantic branch.
+
+Described in docs/deeplab2.md#output-heads and #auxiliary-semantic-branch.
 
 deeplab2: `model/decoder/max_deeplab.py` (MaXDeepLab head), `model/decoder/panoptic_deeplab.py`
 (single decoder and head) and `model/decoder/aspp.py`.
@@ -48,7 +50,7 @@ def _final_conv(in_channels: int, out_channels: int, ndim: int = 2) -> nn.Module
 class PixelSpaceHead(nn.Module):
     """feature_panoptic B x C x H x W -> L2-normalised pixel embeddings g, B x D x H x W."""
 
-    def __init__(self, in_channels: int, head_channels: int = 256, embed_dim: int = 128) -> None:
+    def __init__(self, in_channels: int, head_channels: int, embed_dim: int) -> None:
         super().__init__()
         self.conv_block = SeparableConvBN(in_channels, head_channels, SEPARABLE_KERNEL)
         self.final_conv = _final_conv(head_channels, embed_dim)
@@ -75,8 +77,8 @@ class MaskClassHead(nn.Module):
         embed_dim: int,
         num_classes: int,
         *,
-        mask_bn_gamma: float = 0.1,
-        void_prior_prob: float = 0.9,
+        mask_bn_gamma: float,
+        void_prior_prob: float,
     ) -> None:
         super().__init__()
         self.transformer_mask_head = ConvBN(memory_channels, embed_dim, ndim=1)
@@ -141,6 +143,10 @@ class AuxiliarySemanticBranch(nn.Module):
         low_level_in_channels: channels of res3 and res2 (512, 256 for S).
         num_classes: K; the head predicts K + 1 channels.
         use_decoder: False when the semantic feature is already at stride 4 (MaX-DeepLab-L).
+        aspp_channels, aspp_rates: the ASPP width and its 3 atrous rates.
+        low_level_channels: the projection width of each low-level feature (res3, res2).
+        decoder_channels: width of the low-level fusions.
+        head_channels: width of the head's separable 5x5 conv.
     """
 
     def __init__(
@@ -149,18 +155,17 @@ class AuxiliarySemanticBranch(nn.Module):
         low_level_in_channels: list[int],
         num_classes: int,
         *,
-        use_decoder: bool = True,
-        aspp_channels: int = 256,
-        aspp_rates: list[int] | None = None,
-        low_level_channels: list[int] | None = None,
-        decoder_channels: int = 256,
-        head_channels: int = 256,
+        use_decoder: bool,
+        aspp_channels: int,
+        aspp_rates: list[int],
+        low_level_channels: list[int],
+        decoder_channels: int,
+        head_channels: int,
     ) -> None:
         super().__init__()
-        low_level_channels = low_level_channels or [64, 32]
         self.use_decoder = use_decoder
         if use_decoder:
-            self.aspp = ASPP(in_channels, aspp_channels, aspp_rates or [6, 12, 18])
+            self.aspp = ASPP(in_channels, aspp_channels, aspp_rates)
             self.low_level_convs = nn.ModuleList(
                 ConvBN(c_in, c, 1, relu=True)
                 for c_in, c in zip(low_level_in_channels, low_level_channels, strict=True)

@@ -1,6 +1,7 @@
 """Building blocks shared by the whole network: conv + BN, initialisers, drop path, checkpointing.
 
-Initialisation follows deeplab2 (spec §1.8, §10), which uses Keras initialisers:
+Initialisation follows deeplab2 (docs/deeplab2.md#normalisation-and-initialisation), which uses
+Keras initialisers:
 - `he_normal`: a normal with std sqrt(2 / fan_in) / 0.8796, truncated at +-2 std (the divisor
   restores the std lost by truncation). Every conv and 1x1 "Conv1D" kernel uses it unless stated
   otherwise.
@@ -55,7 +56,7 @@ class ConvBN(nn.Module):
 
     `ndim=2` works on B x C x H x W, `ndim=1` on B x C x L (deeplab2's 1x1 "Conv1D" on sequences).
     Padding is (k_eff - 1) // 2 on each side: for odd input sizes this equals deeplab2's top-left
-    aligned padding for strided convs and TF 'same' for stride 1 (spec §1.4).
+    aligned padding for strided convs and TF 'same' for stride 1 (docs/deeplab2.md#residual-blocks).
     """
 
     def __init__(
@@ -116,7 +117,10 @@ class SeparableConvBN(nn.Module):
 
 
 def configure_batch_norm(module: nn.Module, *, momentum: float, eps: float) -> None:
-    """Set momentum and epsilon on every BatchNorm (spec §1.8: Keras 0.99 -> PyTorch 0.01, 1e-3)."""
+    """Set momentum and epsilon on every BatchNorm (Keras 0.99 -> PyTorch 0.01, 1e-3).
+
+    See docs/deeplab2.md#normalisation-and-initialisation.
+    """
     for child in module.modules():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             child.momentum = momentum
@@ -124,14 +128,14 @@ def configure_batch_norm(module: nn.Module, *, momentum: float, eps: float) -> N
 
 
 def resize_align_corners(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Bilinear resize with align_corners=True (every deeplab2 resize, spec §10); no-op if equal."""
+    """Bilinear resize with align_corners=True (docs/deeplab2.md#resizes); no-op if equal."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# Drop path (stochastic depth), spec §1.7.
+# Drop path (stochastic depth), docs/deeplab2.md#drop-path.
 
 
 def drop_path_keep_prob(
@@ -144,15 +148,11 @@ def drop_path_keep_prob(
 
     'constant': every eligible block keeps `keep_prob_last_stage`.
     'linear': 1.0 at stage 0 (the stem) falling linearly to `keep_prob_last_stage` at `num_stages`.
-
-    Raises:
-        ValueError: an unknown schedule.
+    The schedule is one of `config.DROP_PATH_SCHEDULES`; `model_config_problem` checks it.
     """
-    if schedule == "constant":
-        return keep_prob_last_stage
     if schedule == "linear":
         return 1.0 - (1.0 - keep_prob_last_stage) * current_stage / num_stages
-    raise ValueError(f"unknown drop_path_schedule {schedule!r}; use 'constant' or 'linear'")
+    return keep_prob_last_stage
 
 
 def drop_path_mask(

@@ -1,4 +1,6 @@
-"""PQ-style similarity and Hungarian matching of mask slots to ground-truth masks (spec §4.2).
+"""PQ-style similarity and Hungarian matching of mask slots to ground-truth masks.
+
+Described in docs/deeplab2.md#matching.
 
 deeplab2 (`model/loss/max_deeplab_loss.py`, `matchers_ops.py`) scores every (GT mask i, slot k) pair
 with the PQ-style similarity `dice(i, k) * p_k(c_i)`:
@@ -9,8 +11,8 @@ It then minimises the negative similarity with a Hungarian solver on a matrix pa
 +-999. Here the void rows are simply left out and scipy's rectangular `linear_sum_assignment` solves
 the same problem (padding with a constant does not change which real pairs are optimal). When there
 are more non-void GT masks than slots, some masks stay unmatched (mask_slot = -1); the losses leave
-them out of the matched-slot terms instead of reproducing deeplab2's -99999 logits (spec §4.2 edge
-case).
+them out of the matched-slot terms instead of reproducing deeplab2's -99999 logits
+(docs/deeplab2.md#more-masks-than-slots).
 
 Everything here is without gradient. The similarity is built on the device of the logits; only the
 small B x M x N matrix goes to the CPU for scipy.

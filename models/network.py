@@ -1,5 +1,5 @@
 """MaX-DeepLab: the assembled network (CVPR 2021; deeplab2 `model/deeplab.py` with the MaX-DeepLab
-encoder and head; spec §1-3).
+encoder and head; docs/deeplab2.md#backbone to #decoder-and-heads).
 
 images (RGB in [0, 255]) -> x / 127.5 - 1 -> encoder (Axial-ResNet + dual-path transformer + pixel
 decoder + memory) -> pixel-space head, mask/class heads, and the switchable auxiliary semantic
@@ -14,22 +14,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maxdeeplab.models.backbone.axial_resnet import (
-    EXTRA,
-    HIGH_RESOLUTION_OUTPUT_STRIDE,
-    MEMORY_FEATURE,
-    OUTPUT_STRIDE,
-    AxialResNet,
-)
+from maxdeeplab.models.backbone.axial_resnet import EXTRA, MEMORY_FEATURE, AxialResNet
 from maxdeeplab.models.backbone.block_group import TRANSFORMER
-from maxdeeplab.models.config import DROP_PATH_SCHEDULES, ModelConfig
+from maxdeeplab.models.config import ModelConfig, model_config_problem
 from maxdeeplab.models.heads import AuxiliarySemanticBranch, MaskClassHead, PixelSpaceHead
-from maxdeeplab.models.layers import configure_batch_norm
+from maxdeeplab.models.layers import (
+    DROP_PATH_NUM_STAGES,
+    configure_batch_norm,
+    drop_path_keep_prob,
+)
+from maxdeeplab.models.strides import HIGH_RESOLUTION_OUTPUT_STRIDE, OUTPUT_STRIDE
 from maxdeeplab.models.structures import MaXDeepLabOutput
 
 PIXEL_SCALE = 127.5  # deeplab2 normalises RGB as x / 127.5 - 1; the pad value 127.5 maps to 0
 # deeplab2 runner_utils.check_if_variable_in_backbone: encoder variables with these words in their
-# names are trained from scratch at the full learning rate (spec §5.1).
+# names are trained from scratch at the full learning rate
+# (docs/deeplab2.md#backbone-learning-rate).
 NON_BACKBONE_KEYWORDS = (TRANSFORMER, EXTRA, MEMORY_FEATURE)
 
 
@@ -102,33 +102,32 @@ def build_model(cfg: ModelConfig) -> MaXDeepLab:
     """Build the network described by `cfg` (the dataclass defaults are MaX-DeepLab-S).
 
     Raises:
-        ValueError: an unknown drop-path schedule or backbone type, or inconsistent widths.
+        ValueError: `cfg` breaks a rule of `model_config_problem` (e.g. an unknown drop-path
+            schedule or backbone type), or has inconsistent widths.
     """
-    if cfg.drop_path_schedule not in DROP_PATH_SCHEDULES:
-        raise ValueError(
-            f"model.drop_path_schedule={cfg.drop_path_schedule!r}; use one of {DROP_PATH_SCHEDULES}"
-        )
-    if not 0.0 < cfg.drop_path_keep_prob <= 1.0:
-        raise ValueError(f"model.drop_path_keep_prob={cfg.drop_path_keep_prob} is not in (0, 1]")
-    group = dict(
-        use_axial_beyond_stride=cfg.use_axial_beyond_stride,
-        attention_bottleneck_expansion=cfg.attention_bottleneck_expansion,
-        drop_path_keep_prob_last=cfg.drop_path_keep_prob,
-        drop_path_beyond_stride=cfg.drop_path_beyond_stride,
-        drop_path_schedule=cfg.drop_path_schedule,
-        axial=dict(
-            key_expansion=cfg.axial_key_expansion,
-            value_expansion=cfg.axial_value_expansion,
-            num_heads=cfg.axial_num_heads,
-            rpe_length=cfg.rpe_length,
-        ),
-        transformer=dict(ffn_channels=cfg.transformer_ffn_channels),
+    problem = model_config_problem(cfg)
+    if problem is not None:
+        key, value, why = problem
+        raise ValueError(f"model.{key}={value!r}: {why}")
+    # The drop-path knobs end here: every block group gets plain keep probabilities per stage,
+    # stage s holding the blocks of original ResNet stride 2^(s+1) (2, 4, 8, 16, 32).
+    stage_keep_probs = tuple(
+        drop_path_keep_prob(cfg.drop_path_keep_prob, cfg.drop_path_schedule, stage)
+        if 2 ** (stage + 1) >= cfg.drop_path_beyond_stride
+        else 1.0
+        for stage in range(DROP_PATH_NUM_STAGES + 1)
     )
     encoder = AxialResNet(
         num_blocks=list(cfg.num_blocks),
         backbone_type=cfg.backbone_type,
         stem_channels=cfg.stem_channels,
         base_filters=cfg.base_filters,
+        use_axial_beyond_stride=cfg.use_axial_beyond_stride,
+        attention_bottleneck_expansion=cfg.attention_bottleneck_expansion,
+        axial_key_expansion=cfg.axial_key_expansion,
+        axial_value_expansion=cfg.axial_value_expansion,
+        axial_num_heads=cfg.axial_num_heads,
+        rpe_length=cfg.rpe_length,
         backbone_use_transformer_beyond_stride=cfg.backbone_use_transformer_beyond_stride,
         extra_decoder_use_transformer_beyond_stride=cfg.extra_decoder_use_transformer_beyond_stride,
         backbone_decoder_num_stacks=cfg.backbone_decoder_num_stacks,
@@ -137,8 +136,9 @@ def build_model(cfg: ModelConfig) -> MaXDeepLab:
         num_mask_slots=cfg.num_mask_slots,
         memory_channels=cfg.memory_channels,
         base_transformer_expansion=cfg.transformer_expansion,
+        transformer_ffn_channels=cfg.transformer_ffn_channels,
         global_ffn_channels=cfg.global_ffn_channels,
-        group=group,
+        drop_path_stage_keep_probs=stage_keep_probs,
     )
     aux_semantic = None
     if cfg.use_aux_semantic:
@@ -192,5 +192,8 @@ def parameter_groups(model: MaXDeepLab) -> tuple[list[nn.Parameter], list[nn.Par
 
 
 def drop_path_keep_probs(model: MaXDeepLab) -> dict[str, list[float]]:
-    """The drop-path keep probability of every block, per block group (spec §1.2 table)."""
+    """The drop-path keep probability of every block, per block group.
+
+    See the table in docs/deeplab2.md#stage-table.
+    """
     return {name: list(group.keep_probs) for name, group in model.encoder.block_groups().items()}

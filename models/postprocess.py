@@ -1,9 +1,11 @@
-"""MaX-DeepLab panoptic inference: slot logits -> panoptic id map + COCO `segments_info` (spec §6).
+"""MaX-DeepLab panoptic inference: slot logits -> panoptic id map + COCO `segments_info`.
+
+Described in docs/deeplab2.md#post-processing.
 
 Faithful to deeplab2 `model/post_processor/max_deeplab.py` and the eval-time undo of the padding
 (`trainer/evaluator.py`, `model/utils.py undo_preprocessing`).
 
-**Pixelwise** (the default, used for every published number, spec §6.1):
+**Pixelwise** (the default, used for every published number, docs/deeplab2.md#pixelwise):
 1. class probabilities = softmax over K + 1; drop void; each slot's class is the argmax over the K
    real classes and its confidence the max; keep slots with confidence **>=** `class_threshold`
    (0.7; deeplab2 uses `greater_equal`). No kept slot: the whole image is void.
@@ -19,12 +21,12 @@ Faithful to deeplab2 `model/post_processor/max_deeplab.py` and the eval-time und
 6. undo the eval padding: crop the top-left `resized_size` region and resize to `raw_size` with
    nearest-neighbour, TF1 align_corners semantics (source index round(i (in - 1) / (out - 1))).
 
-**Maskwise** (`PostprocessConfig.mode = 'maskwise'`, kMaX-era, spec §6.2): binarise each slot's
-softmax-over-slots probability at > `pixel_threshold`, rank slots by conf^reorder_class_weight *
-mean_mask_prob^reorder_mask_weight, paste them in that order onto free pixels, keeping a slot only
-if it is class-confident (>= `class_threshold` for things and stuff alike) and more than
-`overlap_threshold` of its pixels are still free. The instance id is the rank + 1, as in deeplab2.
-The same area limits and id encoding follow.
+**Maskwise** (`PostprocessConfig.mode = 'maskwise'`, kMaX-era, docs/deeplab2.md#maskwise):
+binarise each slot's softmax-over-slots probability at > `pixel_threshold`, rank slots by
+conf^reorder_class_weight * mean_mask_prob^reorder_mask_weight, paste them in that order onto free
+pixels, keeping a slot only if it is class-confident (>= `class_threshold` for things and stuff
+alike) and more than `overlap_threshold` of its pixels are still free. The instance id is the
+rank + 1, as in deeplab2. The same area limits and id encoding follow.
 
 Semantic ids are the contiguous ones of the data (class index + 1, things first, 0 = void).
 Everything runs on the device of the logits; only `segments_info` is built on the host.
@@ -39,9 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from maxdeeplab.models.config import POSTPROCESS_MODES, PostprocessConfig
+from maxdeeplab.models.strides import HIGH_RESOLUTION_OUTPUT_STRIDE
 from maxdeeplab.models.structures import MaXDeepLabOutput
-
-LOSS_STRIDE = 4
 
 
 @dataclass
@@ -91,7 +92,10 @@ def panoptic_inference(
         raise ValueError(f"postprocess.mode must be one of {POSTPROCESS_MODES}, got {cfg.mode!r}")
     if cfg.label_divisor <= N:
         raise ValueError(f"{N} mask slots do not fit under label_divisor {cfg.label_divisor}")
-    crop = crop_size or (LOSS_STRIDE * (h - 1) + 1, LOSS_STRIDE * (w - 1) + 1)
+    crop = crop_size or (
+        HIGH_RESOLUTION_OUTPUT_STRIDE * (h - 1) + 1,
+        HIGH_RESOLUTION_OUTPUT_STRIDE * (w - 1) + 1,
+    )
     resized = resized_size or crop
     raw = raw_size or resized
     panoptic = panoptic_map_at_crop(
@@ -218,7 +222,7 @@ def _merge(
 
 
 def resize_nearest_align_corners(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest resize with TF1 `align_corners=True` semantics (spec §10).
+    """Nearest resize with TF1 `align_corners=True` semantics (docs/deeplab2.md#resizes).
 
     Output pixel i reads input round(i * (in - 1) / (out - 1)) (float32 arithmetic, halves away
     from zero, clamped), which PyTorch's `nearest` modes do not provide.

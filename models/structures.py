@@ -1,11 +1,13 @@
 """Typed containers shared by the network, the losses, the data pipeline and post-processing.
 
-Shape letters (DESIGN §2): B batch, N mask slots, M ground-truth masks (padded), K real classes
-(K + 1 with void), D pixel-embedding dim, H x W the stride-4 output size, S the crop side.
+Shape letters (docs/architecture.md#conventions): B batch, N mask slots, M ground-truth masks
+(padded), K real classes (K + 1 with void), D pixel-embedding dim, H x W the stride-4 output size,
+S the crop side.
 
-Label conventions (spec §7.3): semantic ids are contiguous, 0 = void, 1..K = real classes with the
-things first, then the stuff. The transformer class head indexes real classes as `semantic - 1` and
-puts void last (index K); the auxiliary semantic head keeps the semantic ids (channel 0 = void).
+Label conventions (docs/deeplab2.md#coco-panoptic-ids): semantic ids are contiguous, 0 = void,
+1..K = real classes with the things first, then the stuff. The transformer class head indexes
+real classes as `semantic - 1` and puts void last (index K); the auxiliary semantic head keeps the
+semantic ids (channel 0 = void).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class MaXDeepLabOutput:
 class PanopticTargets:
     """Ground truth for one batch at the full crop resolution (the losses subsample it to stride 4).
 
-    Built by the data pipeline (spec §4.1, deeplab2's sample_generator): crowd and padding pixels
-    are already void (semantic 0, thing id -1).
+    Built by the data pipeline (deeplab2's sample_generator,
+    docs/deeplab2.md#ground-truth-at-stride-4): crowd and padding pixels are already void
+    (semantic 0, thing id -1).
 
     Attributes:
         semantic: B x S x S int64, contiguous class ids, 0 = void.

@@ -1,4 +1,6 @@
-"""Ground truth at the loss resolution (stride 4) for the MaX-DeepLab losses (spec §4.1).
+"""Ground truth at the loss resolution (stride 4) for the MaX-DeepLab losses.
+
+Described in docs/deeplab2.md#ground-truth-at-stride-4.
 
 deeplab2 (`model/loss/max_deeplab_loss.py`, `_pre_process_ground_truth`) subsamples the crop-size
 labels with `x[:, ::4, ::4]` and builds a dense one-hot over `max_thing_id + num_stuff` mask columns
@@ -12,7 +14,7 @@ every loss term: a void column has no pixels, is excluded from matching (deeplab
 +-999), gets dice weight 0 and is masked with -99999 in instance discrimination, so it contributes
 nothing anywhere. `mask_columns` keeps each compact mask's deeplab2 column index for reference.
 
-Edge cases made explicit (spec §4.2):
+Edge cases made explicit (docs/deeplab2.md#more-masks-than-slots):
 - thing ids >= `max_thing_id` (deeplab2 asserts in its data pipeline; its `tf.one_hot` would drop
   them): such pixels belong to no mask (no matching, dice, mask-ID or instance-discrimination
   signal) but keep their semantic label (semantic loss, non-void for the void ratio). Their number
@@ -29,10 +31,6 @@ from dataclasses import dataclass
 import torch
 
 from maxdeeplab.models.structures import PanopticTargets
-
-# deeplab2's crops are 16k + 1, so [::4, ::4] aligns the labels with the stride-4 outputs (spec
-# §10).
-LOSS_STRIDE = 4
 
 
 @dataclass
@@ -122,7 +120,7 @@ def build_mask_targets(
     num_thing_classes: int,
     max_thing_id: int,
 ) -> MaskTargets:
-    """Subsample the crop labels to H x W and build the compact GT masks (spec §4.1).
+    """Subsample the crop labels to H x W and build the compact GT masks.
 
     Runs on the device of `targets`, vectorised over the batch (no per-image Python loop).
 

@@ -1,4 +1,6 @@
-"""The dual-path transformer layer of MaX-DeepLab (CVPR 2021, §3.2; spec §2).
+"""The dual-path transformer layer of MaX-DeepLab (CVPR 2021, section 3.2).
+
+Described in docs/deeplab2.md#dual-path-transformer.
 
 deeplab2: `model/layers/dual_path_transformer.py` (DualPathTransformerLayer, AttentionOperation).
 
@@ -14,8 +16,8 @@ M (B x C_m x N), both as bottleneck residual branches:
 5. Pixel-to-memory: pixel queries attend to the memory keys/values of step 2, i.e. computed from
    the layer's *input* memory (in parallel with step 3), then BN + ReLU, 1x1 + BN(gamma 0), drop
    path, P' = P + . (not activated).
-Pixel-to-pixel attention is the axial block before this layer (spec §2.2.6). The three residual
-updates take independent drop-path masks (spec §1.7).
+Pixel-to-pixel attention is the axial block before this layer (docs/deeplab2.md#dual-path-layer).
+The three residual updates take independent drop-path masks (docs/deeplab2.md#drop-path).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class DualPathTransformerLayer(nn.Module):
         filters: 128 * transformer expansion; bottleneck C_b = filters * bottleneck_expansion,
             key depth = filters * key_expansion, value depth = filters * value_expansion.
         ffn_channels: hidden width of the memory FFN (2048).
+        num_heads, bottleneck_expansion, key_expansion, value_expansion: deeplab2's fixed
+            dual-path settings (no config field sets them).
     """
 
     def __init__(
@@ -84,12 +88,12 @@ class DualPathTransformerLayer(nn.Module):
         pixel_channels: int,
         memory_channels: int,
         *,
-        filters: int = 128,
+        filters: int,
+        ffn_channels: int,
         num_heads: int = 8,
         bottleneck_expansion: float = 2.0,
         key_expansion: float = 1.0,
         value_expansion: float = 2.0,
-        ffn_channels: int = 2048,
     ) -> None:
         super().__init__()
         bottleneck = int(round(filters * bottleneck_expansion))

@@ -1,12 +1,15 @@
-"""Experiment configuration: the dataclass schema, YAML loading and the merge order (DESIGN §3).
+"""Experiment configuration: the dataclass schema, YAML loading and the merge order.
+
+Overview: docs/architecture.md#configuration.
 
     dataclass schema (defaults) <- model variant <- experiment YAML (and its `base:` files)
         <- CLI `key=value` dotlist <- Tune trial overrides
 
 Every layer is merged with OmegaConf in struct mode, so a misspelt key or a value of the wrong type
 fails before any work starts, with the file, the key and the value named. The defaults are
-deeplab2's MaX-DeepLab-S COCO settings (spec §5); model, loss and post-processing settings live in
-`maxdeeplab.models.config` because `models/` may not import `platform/`.
+deeplab2's MaX-DeepLab-S COCO settings (docs/deeplab2.md#training); model, loss and
+post-processing settings live in `maxdeeplab.models.config` because `models/` may not import
+`platform/`.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from maxdeeplab.models.config import (
-    DROP_PATH_SCHEDULES,
     NEGATIVE_WEIGHTINGS,
     POSTPROCESS_MODES,
     LossConfig,
     ModelConfig,
     PostprocessConfig,
+    model_config_problem,
     variant_overrides,
 )
+from maxdeeplab.models.strides import OUTPUT_STRIDE, is_valid_crop_size
 from maxdeeplab.platform.errors import ConfigError
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -37,7 +41,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 @dataclass
 class DataConfig:
-    """Dataset and augmentation (spec §5.2)."""
+    """Dataset and augmentation (docs/deeplab2.md#data-pipeline)."""
 
     root: str = ""  # a COCO-panoptic root; empty = the built-in synthetic set
     train_split: str = "train2017"
@@ -57,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop (spec §5.1)."""
+    """The training loop (docs/deeplab2.md#solver)."""
 
     steps: int = 100_000
     batch_size: int = 64  # global batch, split across workers (gradient accumulation when needed)
@@ -74,7 +78,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with linear warmup and poly decay (spec §5.1)."""
+    """Adam with linear warmup and poly decay (docs/deeplab2.md#solver)."""
 
     lr: float = 1e-3
     backbone_lr_multiplier: float = 0.1
@@ -196,7 +200,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict | DictConfig):
         flat: dict[str, Any] = {}
         for key, value in tree.items():
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key!s}."))
         return flat
     return {prefix[:-1]: tree}
 
@@ -315,10 +319,17 @@ def load_experiment(
 def first_invalid_value(cfg: ExperimentConfig) -> tuple[str, Any, str] | None:
     """Rules a type check cannot express: the first (key, value, reason) broken, or None."""
     crop = cfg.data.crop_size
-    if crop < 17 or (crop - 1) % 16 != 0:
-        return "data.crop_size", crop, "must be of the form 16k+1 (e.g. 65, 129, 321, 641, 1025)"
+    if not is_valid_crop_size(crop):
+        return (
+            "data.crop_size",
+            crop,
+            f"must be of the form {OUTPUT_STRIDE}k+1 (e.g. 65, 129, 321, 641, 1025)",
+        )
+    model_problem = model_config_problem(cfg.model)
+    if model_problem is not None:
+        key, value, why = model_problem
+        return f"model.{key}", value, why
     choices = {
-        "model.drop_path_schedule": (cfg.model.drop_path_schedule, DROP_PATH_SCHEDULES),
         "postprocess.mode": (cfg.postprocess.mode, POSTPROCESS_MODES),
         "loss.negative_weighting": (cfg.loss.negative_weighting, NEGATIVE_WEIGHTINGS),
         "resources.placement_strategy": (cfg.resources.placement_strategy, PLACEMENT_STRATEGIES),
@@ -326,9 +337,7 @@ def first_invalid_value(cfg: ExperimentConfig) -> tuple[str, Any, str] | None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             return key, value, f"expected one of {', '.join(allowed)}"
-    if not 0.0 < cfg.model.drop_path_keep_prob <= 1.0:
-        return "model.drop_path_keep_prob", cfg.model.drop_path_keep_prob, "must be in (0, 1]"
-    positive = {
+    positive: dict[str, float] = {
         "train.steps": cfg.train.steps,
         "train.batch_size": cfg.train.batch_size,
         "train.checkpoint_interval": cfg.train.checkpoint_interval,
@@ -338,9 +347,9 @@ def first_invalid_value(cfg: ExperimentConfig) -> tuple[str, Any, str] | None:
         "optim.lr": cfg.optim.lr,
         "data.min_scale": cfg.data.min_scale,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            return key, value, "must be positive"
+    for key, number in positive.items():
+        if number <= 0:
+            return key, number, "must be positive"
     if cfg.data.min_scale > cfg.data.max_scale:
         return "data.max_scale", cfg.data.max_scale, "must be >= data.min_scale"
     if len(cfg.data.synthetic_size) != 2:

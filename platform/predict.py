@@ -1,10 +1,11 @@
 """Panoptic predictions for image files from a training checkpoint (`maxdeeplab predict`).
 
 For each image: deeplab2's evaluation preprocessing (longer side = crop, pad bottom/right), one
-forward pass, pixelwise post-processing and the undo of the padding (spec §6.1), then three files
-in the output folder: `<stem>.png` (COCO-panoptic RGB-encoded segment ids), `<stem>_overlay.png`
-(the image beside its colourised prediction) and, for all images together, `predictions.json` in
-the COCO panoptic format with the dataset's category ids, so `maxdeeplab evaluate` reads it.
+forward pass, pixelwise post-processing and the undo of the padding (docs/deeplab2.md#pixelwise),
+then three files in the output folder: `<stem>.png` (COCO-panoptic RGB-encoded segment ids),
+`<stem>_overlay.png` (the image beside its colourised prediction) and, for all images together,
+`predictions.json` in the COCO panoptic format with the dataset's category ids, so
+`maxdeeplab evaluate` reads it.
 
 The checkpoint is a Ray Train checkpoint directory of a run (`<work_dir>/ray/<run>/checkpoint_*`)
 or that run's `model.pt`; the experiment config is the run's `config.yaml` next to it, and the
@@ -60,7 +61,7 @@ class Predictor:
             num_thing_classes=self.info.num_thing_classes,
             crop_size=(crop, crop),
             resized_size=resized,
-            raw_size=image.shape[:2],
+            raw_size=(image.shape[0], image.shape[1]),
         )
         to_dataset = self.info.contiguous_to_dataset
         segments = [

@@ -1,4 +1,4 @@
-"""Sweep YAML: schema, validation and expansion into trials (DESIGN §3).
+"""Sweep YAML: schema, validation and expansion into trials (docs/architecture.md#configuration).
 
 ```yaml
 name: s641_schedule_study

@@ -1,4 +1,4 @@
-"""MLflow tracking: every MLflow call of the project lives here (DESIGN §4, "Tracking").
+"""MLflow tracking: every MLflow call of the project lives here (docs/architecture.md#tracking).
 
 One MLflow run per training run. The driver creates it (`create_run`: params = every flattened
 config key, `config.yaml`) before Ray starts the workers, and hands its id to them; world rank 0
@@ -8,7 +8,7 @@ it a child of its parent run. A resumed run reopens the same id, stored in the r
 
 The store defaults to `sqlite:////<work_dir>/mlflow.db` with artifacts under
 `<work_dir>/mlartifacts` (MLflow 3 refuses new `file:` stores, and a sqlite store without an
-explicit artifact location puts artifacts under the current directory: ray_notes.md).
+explicit artifact location puts artifacts under the current directory).
 
 Metric names are the constants below; dashboards and sweeps read them from here.
 """
@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from maxdeeplab.platform.config import ExperimentConfig, to_params, to_yaml, work_dir
+from maxdeeplab.platform.errors import MaXDeepLabError
 
 log = logging.getLogger(__name__)
+
+
+class TrackingError(MaXDeepLabError):
+    """The tracking store cannot be used (an unreachable server, no store for remote storage)."""
+
 
 # --- metric names (slash-namespaced, defined once) -------------------------------------------
 # Each loss term `k` of `maxdeeplab.models.losses.criterion.LOSS_KEYS` is logged as `loss/k`.
@@ -38,7 +44,8 @@ VAL_PQ_THING = "val/pq_thing"
 VAL_PQ_STUFF = "val/pq_stuff"
 VAL_SQ = "val/sq"
 VAL_RQ = "val/rq"
-VAL_PQ_PIPELINE = "val/pq_pipeline"  # deeplab2's online PQ: crowd counted as void (spec §6.3)
+# deeplab2's online PQ: crowd counted as void (docs/deeplab2.md#pipeline-pq)
+VAL_PQ_PIPELINE = "val/pq_pipeline"
 VAL_PQ_CLASS_PREFIX = "val/pq_class/"
 VAL_METRICS = (VAL_PQ, VAL_PQ_THING, VAL_PQ_STUFF, VAL_SQ, VAL_RQ, VAL_PQ_PIPELINE)
 
@@ -64,6 +71,29 @@ def tracking_uri(cfg: ExperimentConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{work_dir(cfg) / 'mlflow.db'}"  # an absolute path gives four slashes
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Pre-flight for a tracking server: it answers `/health` (other stores need no check).
+
+    Raises:
+        TrackingError: one line naming the URI and the cause.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as answer:
+            if answer.status == 200:
+                return
+            cause = f"HTTP {answer.status}"
+    except urllib.error.HTTPError as exc:
+        cause = f"HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError) as exc:
+        cause = str(getattr(exc, "reason", exc))
+    raise TrackingError(f"tracking server {uri}: unreachable ({cause})")
 
 
 def artifact_root(cfg: ExperimentConfig) -> str:

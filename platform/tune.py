@@ -1,11 +1,14 @@
-"""Ray Tune sweeps: one Ray Train run per trial, a parent MLflow run per sweep (DESIGN §4-5).
+"""Ray Tune sweeps: one Ray Train run per trial, a parent MLflow run per sweep.
+
+The Ray behaviour this relies on: docs/architecture.md#ray-facts.
 
 The current Ray pattern (Train V2): a Tune *function* trainable builds and fits one `TorchTrainer`
-per trial; the trial function itself holds no CPU (`{"cpu": 0, "memory": ...}`, ray_notes.md), the
-Train workers get their own placement group. Train reports reach Tune through
-`TuneReportCallback`, filtered to the evaluation reports (those carrying `val/pq`), so each Tune
-result is one evaluation and ASHA compares trials on `val/pq` at equal training steps
-(`time_attr="step"`: Tune's own iteration counter restarts at 0 after a restore).
+per trial; the trial function itself holds no CPU (`{"cpu": 0, "memory": ...}`,
+docs/architecture.md#trial-resources), the Train workers get their own placement group. Train
+reports reach Tune through `TuneReportCallback`, filtered to the evaluation reports (those
+carrying `val/pq`), so each Tune result is one evaluation and ASHA compares trials on `val/pq` at
+equal training steps (`time_attr="step"`: Tune's own iteration counter restarts at 0 after a
+restore).
 
 Resume: the sweep directory `<work_dir>/sweeps/<name>` holds Tune's experiment state; running the
 same sweep again (or `--resume`) restores it with `Tuner.restore`: finished trials are kept,
@@ -37,7 +40,7 @@ from maxdeeplab.platform.training.placement_groups import remove_placement_group
 
 log = logging.getLogger(__name__)
 
-TRIAL_RESOURCES = {
+TRIAL_RESOURCES: dict[str, float] = {
     "cpu": 0,
     "memory": 64 * 2**20,
 }  # the trial driver; Train workers bring their own

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. One Ray instance serves the whole test session (STYLE.md, Tests)."""
+"""Shared pytest fixtures. One Ray instance serves the whole test session."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local Ray instance for the session (2 CPUs, dashboard on: Train V2 needs it, ray_notes.md).
+    """A local Ray instance for the session (2 CPUs, dashboard on: Train V2 needs it).
+
+    Why: docs/architecture.md#keep-the-dashboard-process.
 
     Tests that need Ray take this fixture and carry the `ray` marker. A test that needs a
     different cluster (e.g. a simulated multi-node one) runs it in a subprocess instead.

@@ -1,4 +1,4 @@
-"""`maxdeeplab bench data`: does the loader keep up with the model? (issue 7)
+"""`maxdeeplab bench data`: does the loader keep up with the model?
 
 For each crop size, on the built-in synthetic set (generated once under WORK_DIR/data):
 1. loader: images/s delivered by `build_loader` with N worker processes (decode + deeplab2
@@ -108,12 +108,13 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from maxdeeplab.models.config import LossConfig
+    from maxdeeplab.models.strides import is_valid_crop_size
     from maxdeeplab.platform.config import DataConfig
     from maxdeeplab.platform.data.loader import build_train_dataset
     from maxdeeplab.platform.errors import ConfigError
 
     for crop in args.crop:
-        if crop < 17 or (crop - 1) % 16:
+        if not is_valid_crop_size(crop):
             raise ConfigError(f"--crop {crop}: must be of the form 16k+1 (e.g. 65, 641, 1025)")
     if args.workers < 0 or args.images < 1 or args.batch < 1 or args.steps < 1:
         raise ConfigError("--workers must be >= 0; --images, --batch and --steps >= 1")

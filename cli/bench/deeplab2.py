@@ -1,4 +1,4 @@
-"""`maxdeeplab bench deeplab2`: the training-step race against google-research/deeplab2 (issue 12).
+"""`maxdeeplab bench deeplab2`: the training-step race against google-research/deeplab2.
 
 Both sides run MaX-DeepLab-S at the same crop and batch with the same CPU thread count, in the same
 invocation, one after the other:
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from maxdeeplab.models.strides import is_valid_crop_size
     from maxdeeplab.platform.errors import ConfigError
 
     if not args.env or not (Path(args.env) / "activate.sh").is_file():
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             f"--env {args.env!r}: not a deeplab2 reference environment; build one with "
             "scripts/deeplab2_env.sh and pass it or set DEEPLAB2_ENV"
         )
-    if args.crop < 17 or (args.crop - 1) % 16 or args.batch < 1 or args.steps < 1:
+    if not is_valid_crop_size(args.crop) or args.batch < 1 or args.steps < 1:
         raise ConfigError("--crop must be 16k+1, --batch and --steps >= 1")
     theirs = _time_deeplab2(args)
     ours = _time_ours(args)

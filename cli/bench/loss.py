@@ -10,7 +10,7 @@ Three timings in one run, on one device:
    independent check of the batched code);
 3. a MaX-DeepLab-S training step (forward, criterion, backward, Adam) at batch 1 and crop 4(H-1)+1,
    scaled by B, when `models/network.py` provides `build_model` (skipped otherwise, and said so).
-Goal (issue 6): the batched criterion costs <= 10 % of the training step.
+Goal: the batched criterion costs <= 10 % of the training step.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from maxdeeplab.models.config import LossConfig
+from maxdeeplab.models.strides import HIGH_RESOLUTION_OUTPUT_STRIDE
 from maxdeeplab.models.structures import MaXDeepLabOutput, PanopticTargets
 
-# deeplab2 max_deeplab_loss.py constants (spec §10).
+# deeplab2 max_deeplab_loss.py constants (docs/deeplab2.md#constants).
 _MATCHING_NEGATIVE = -999.0
 _MATCHING_POSITIVE = 999.0
 _SOFTMAX_MASKING = -99999.0
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     gen = torch.Generator().manual_seed(0)
-    crop = 4 * (args.size - 1) + 1
+    crop = HIGH_RESOLUTION_OUTPUT_STRIDE * (args.size - 1) + 1
     targets = synthetic_targets(
         batch=args.batch,
         crop=crop,
@@ -363,7 +364,8 @@ def _reference_image(
     dice_loss = 1 - (2 * (m_hat * full_onehot).sum(0) + 1) / (m_hat.sum(0) + full_onehot.sum(0) + 1)
     dice_w = F.pad((col_valid & row_matched).float() * matched_prob.clamp(min=1e-5), (0, D - C))
     dice_term = (dice_loss * dice_w.detach()).sum()
-    # Pixels of GT masks without a real slot give no mask-ID signal (guard, spec §4.2).
+    # Pixels of GT masks without a real slot give no mask-ID signal (guard,
+    # docs/deeplab2.md#more-masks-than-slots).
     px_matched = onehot @ row_matched.float()
     ce_px = -(full_onehot * torch.log_softmax(permuted, dim=1)).sum(1) * nonvoid * px_matched
     mask_id = _nonzero_mean(ce_px)

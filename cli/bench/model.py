@@ -8,7 +8,7 @@ Each mode times, after warm-up steps:
 and reports images/s of the train step, peak memory (CUDA: max allocated; CPU: the process's peak
 RSS, which only grows across modes) and GMACs (torch's FlopCounterMode, inference, batch 1 x B).
 Eager is the reference: the other modes print their speed-up over it.
-Goal (issue 5): >= 25 train images/s for MaX-DeepLab-S at 641 with bf16 autocast on one H100.
+Goal: >= 25 train images/s for MaX-DeepLab-S at 641 with bf16 autocast on one H100.
 """
 
 from __future__ import annotations
@@ -63,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     from maxdeeplab.models.complexity import count_macs
     from maxdeeplab.models.network import build_model
+    from maxdeeplab.models.strides import is_valid_crop_size
     from maxdeeplab.platform.config import load_experiment
     from maxdeeplab.platform.errors import ConfigError
 
-    if args.crop < 17 or (args.crop - 1) % 16:
+    if not is_valid_crop_size(args.crop):
         raise ConfigError(f"--crop {args.crop}: must be of the form 16k+1 (e.g. 65, 641, 1025)")
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         raise ConfigError("--batch and --steps must be >= 1, --warmup >= 0")

@@ -180,7 +180,8 @@ def _time_accumulator(
         gt_map = read_id_png(Path(paths["gt_dir"]) / gt_ann["file_name"], image=image)
         pred_map = read_id_png(Path(paths["pred_dir"]) / pred_ann["file_name"], image=image)
         gt_segs, pred_segs = gt_ann["segments_info"], pred_ann["segments_info"]
-        if compact_ids:  # training-style ids: semantic·256 + instance (spec §6.1 step 8)
+        # training-style ids: semantic·256 + instance (docs/deeplab2.md#pixelwise, step 8)
+        if compact_ids:
             gt_map, gt_segs = _compact(gt_map, gt_segs)
             pred_map, pred_segs = _compact(pred_map, pred_segs)
         start, cpu_start = time.perf_counter(), time.process_time()  # only update() is timed

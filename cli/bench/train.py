@@ -1,7 +1,7 @@
 """`maxdeeplab bench train`: the step rate inside a 1-worker Ray TorchTrainer vs a plain loop.
 
 Both sides run the same code (`timed_steps`: the synthetic loader, the model,
-`train.train_step`) with the same thread count, in the same invocation; only the process differs:
+`loop.step_once`) with the same thread count, in the same invocation; only the process differs:
 this one, or a Ray Train worker actor. The plain loop runs before and after the Ray run and the
 faster of the two is the reference (conservative when the machine's load drifts). Goal: Ray >=
 0.95x the plain loop. Warm-up steps (allocator, oneDNN kernel selection) are not timed.
@@ -13,7 +13,10 @@ import argparse
 import os
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used at run time: `maxdeeplab --help` stays fast
+    from maxdeeplab.platform.config import ExperimentConfig
 
 GOAL = 0.95
 
@@ -31,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="an existing Ray cluster")
 
 
-def bench_experiment(args: argparse.Namespace) -> Any:
+def bench_experiment(args: argparse.Namespace) -> ExperimentConfig:
     from maxdeeplab.platform.config import load_experiment
 
     return load_experiment(
@@ -48,13 +51,13 @@ def bench_experiment(args: argparse.Namespace) -> Any:
     )
 
 
-def timed_steps(cfg: Any, *, steps: int, warmup: int, threads: int) -> float:
+def timed_steps(cfg: ExperimentConfig, *, steps: int, warmup: int, threads: int) -> float:
     """Training steps per second over `steps` steps after `warmup` untimed ones."""
     import torch
 
     from maxdeeplab.models.network import build_model, parameter_groups
     from maxdeeplab.platform.data.loader import build_loader, build_train_dataset, iterate_from
-    from maxdeeplab.platform.training.loop import seed_step, train_step
+    from maxdeeplab.platform.training.loop import step_once
     from maxdeeplab.platform.training.optim import build_optimizer
 
     torch.set_num_threads(threads)
@@ -70,13 +73,13 @@ def timed_steps(cfg: Any, *, steps: int, warmup: int, threads: int) -> float:
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        batch = next(batches)
-        seed_step(cfg.seed, step, 0)
-        train_step(
+        step_once(
             model,
             optimizer,
-            [batch],
+            batches,
             step=step,
+            passes=1,
+            rank=0,
             cfg=cfg,
             num_thing_classes=info.num_thing_classes,
             device=device,
@@ -93,13 +96,14 @@ def _ray_worker(config: dict[str, Any]) -> None:
         config["cfg"], steps=config["steps"], warmup=config["warmup"], threads=config["threads"]
     )
     with tempfile.TemporaryDirectory() as directory:
-        # Result.metrics holds the last report that carried a checkpoint (ray_notes.md).
+        # Result.metrics holds the last report that carried a checkpoint
+        # (docs/architecture.md#exact-resume).
         ray.train.report(
             {"steps_per_s": rate}, checkpoint=ray.train.Checkpoint.from_directory(directory)
         )
 
 
-def ray_steps_per_s(cfg: Any, args: argparse.Namespace) -> float:
+def ray_steps_per_s(cfg: ExperimentConfig, args: argparse.Namespace) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -117,7 +121,8 @@ def ray_steps_per_s(cfg: Any, args: argparse.Namespace) -> float:
             storage_path=os.path.join(cfg.work_dir, "ray"),
         ),
     )
-    return float(trainer.fit().metrics["steps_per_s"])
+    metrics = trainer.fit().metrics or {}  # None only if the worker never reported
+    return float(metrics["steps_per_s"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,13 +43,16 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from maxdeeplab.dashboards.mlflow_ui import free_port, start_ui, stop_ui, wait_until_ready
     from maxdeeplab.platform.config import ExperimentConfig, TrackingConfig, work_dir
-    from maxdeeplab.platform.tracking import artifact_root, tracking_uri
+    from maxdeeplab.platform.tracking import artifact_root, check_server, tracking_uri
 
     cfg = ExperimentConfig(work_dir=args.work_dir, tracking=TrackingConfig(uri=args.uri))
     uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         # A tracking server already serves its own UI: nothing to start.
-        print(f"runs are tracked on a server: open {uri}", flush=True)
+        check_server(uri)
+        print(f"runs are tracked on a server: {uri}", flush=True)
+        for name, link in runs_links(uri, uri.rstrip("/")):
+            print(f"  runs of {name}: {link}", flush=True)
         return 0
     if uri.startswith("sqlite:"):
         database = uri.split(":///", 1)[-1]

@@ -1,4 +1,7 @@
-"""`maxdeeplab evaluate`: PQ of COCO-panoptic prediction files, panopticapi's numbers (spec §7)."""
+"""`maxdeeplab evaluate`: PQ of COCO-panoptic prediction files, panopticapi's numbers.
+
+The definition: docs/deeplab2.md#panoptic-quality.
+"""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from torch.utils.data import Subset
+    from torch.utils.data import Dataset, Subset
     from tqdm import tqdm
 
     from maxdeeplab.models.network import build_model
@@ -60,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     dataset = build_eval_dataset(cfg.data, work_dir=cfg.work_dir)
     info = dataset.split.info
+    images: Dataset = dataset
     if args.max_images:
-        dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
-    loader = build_loader(dataset, batch_size=cfg.eval.batch_size, num_workers=0, train=False)
+        images = Subset(dataset, range(min(args.max_images, len(dataset))))
+    loader = build_loader(images, batch_size=cfg.eval.batch_size, num_workers=0, train=False)
     device = torch.device(args.device)
     batches = tqdm(loader, desc="evaluate", unit="batch")
     result = evaluate(model.to(device), batches, cfg=cfg, info=info, device=device)

@@ -36,10 +36,11 @@ def run_info(args: argparse.Namespace) -> int:
 
     from maxdeeplab.models.complexity import count_macs, count_parameters, parameter_breakdown
     from maxdeeplab.models.network import build_model, drop_path_keep_probs
+    from maxdeeplab.models.strides import is_valid_crop_size
     from maxdeeplab.platform.config import load_experiment
     from maxdeeplab.platform.errors import ConfigError
 
-    if args.crop < 17 or (args.crop - 1) % 16:
+    if not is_valid_crop_size(args.crop):
         raise ConfigError(f"--crop {args.crop}: must be of the form 16k+1 (e.g. 65, 641, 1025)")
     overrides = [f"model.variant={args.variant}"] if args.variant else []
     if args.num_classes is not None:

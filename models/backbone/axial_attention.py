@@ -1,4 +1,6 @@
-"""Axial attention with relative positional encodings (Axial-DeepLab, ECCV 2020; spec §1.5).
+"""Axial attention with relative positional encodings (Axial-DeepLab, ECCV 2020).
+
+Described in docs/deeplab2.md#axial-attention.
 
 deeplab2: `model/layers/axial_layers.py` (AxialAttention, AxialAttention2D) and
 `model/layers/positional_encodings.py` (RelativePositionalEncoding).
@@ -26,12 +28,14 @@ MAX_GLOBAL_LENGTH = 129
 
 
 class RelativePositionalEncoding(nn.Module):
-    """A learned table of (2 * max_span - 1) x depth, shared by all heads (spec §1.5.4).
+    """A learned table of (2 * max_span - 1) x depth, shared by all heads.
+
+    See docs/deeplab2.md#relative-positional-encodings.
 
     The entry for query i and key j is `table[j - i + max_span - 1]`.
     """
 
-    def __init__(self, depth: int, *, table_length: int = 2 * MAX_SPAN - 1, std: float = 1.0):
+    def __init__(self, depth: int, *, table_length: int, std: float = 1.0) -> None:
         super().__init__()
         self.max_span = (table_length + 1) // 2
         self.embeddings = nn.Parameter(torch.empty(table_length, depth))
@@ -62,8 +66,8 @@ class AxialAttention1D(nn.Module):
         key_depth: int,
         value_depth: int,
         *,
-        num_heads: int = 8,
-        rpe_length: int = 2 * MAX_SPAN - 1,
+        num_heads: int,
+        rpe_length: int,
     ) -> None:
         super().__init__()
         if key_depth % num_heads or value_depth % num_heads:
@@ -127,6 +131,7 @@ class AxialAttention2D(nn.Module):
         in_channels: C of the input.
         filters: f; key depth = f * key_expansion, value depth = f * value_expansion.
         stride: subsampling applied after each axis ([::s]); 1 everywhere in MaX-DeepLab.
+        num_heads, rpe_length: as for AxialAttention1D.
     """
 
     def __init__(
@@ -135,10 +140,10 @@ class AxialAttention2D(nn.Module):
         filters: int,
         *,
         stride: int = 1,
-        key_expansion: float = 1.0,
-        value_expansion: float = 2.0,
-        num_heads: int = 8,
-        rpe_length: int = 2 * MAX_SPAN - 1,
+        key_expansion: float,
+        value_expansion: float,
+        num_heads: int,
+        rpe_length: int,
     ) -> None:
         super().__init__()
         key_depth = int(round(filters * key_expansion))

@@ -1,18 +1,19 @@
 """The MaX-DeepLab encoder: Axial-ResNet + dual-path transformer + stacked pixel decoder + memory.
 
 deeplab2: `model/encoder/axial_resnet.py` (AxialResNet) with the instances of
-`axial_resnet_instances.py`; spec §1-3. This is what deeplab2 counts as the encoder (61,726,624
-parameters for MaX-DeepLab-S, 450,523,232 for -L): the stem and stages 2-5 (ImageNet-pretrained),
-the dual-path layers, `stage5_extra`, the decoder stages with their ResizedFuse layers, the memory
-and the class/mask feature FFNs on the memory.
+`axial_resnet_instances.py`; docs/deeplab2.md#backbone to #pixel-decoder. This is what deeplab2
+counts as the encoder (61,726,624 parameters for MaX-DeepLab-S, 450,523,232 for -L): the stem and
+stages 2-5 (ImageNet-pretrained), the dual-path layers, `stage5_extra`, the decoder stages with
+their ResizedFuse layers, the memory and the class/mask feature FFNs on the memory.
 
-Submodule names keep deeplab2's words, because the backbone learning-rate rule (spec §5.1) is a rule
-on names: encoder parameters whose name contains `transformer`, `extra` or `memory_feature` are not
-part of the pretrained backbone.
+Submodule names keep deeplab2's words, because the backbone learning-rate rule
+(docs/deeplab2.md#backbone-learning-rate) is a rule on names: encoder parameters whose name
+contains `transformer`, `extra` or `memory_feature` are not part of the pretrained backbone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +24,12 @@ from maxdeeplab.models.backbone.block_group import BlockGroup
 from maxdeeplab.models.backbone.resized_fuse import ResizedFuse
 from maxdeeplab.models.backbone.stem import ConvStem, InceptionStem
 from maxdeeplab.models.layers import ConvBN, truncated_normal_
+from maxdeeplab.models.strides import HIGH_RESOLUTION_OUTPUT_STRIDE, OUTPUT_STRIDE
 
 EXTRA = "extra"  # deeplab2 axial_resnet.EXTRA: layers trained from scratch (full LR)
 MEMORY_FEATURE = "memory_feature"  # deeplab2 axial_resnet.MEMORY_FEATURE
-OUTPUT_STRIDE = 16  # MaX-DeepLab's only output stride
-HIGH_RESOLUTION_OUTPUT_STRIDE = 4  # the pixel decoder's output stride
 RESNET_INPUT_STRIDES = (1, 2, 4, 8, 16)  # input strides of the 5 stages of an un-dilated ResNet
-MEMORY_INIT_STD = 1.0  # spec §2.1
+MEMORY_INIT_STD = 1.0  # docs/deeplab2.md#memory
 
 
 @dataclass
@@ -98,7 +98,7 @@ def decoder_schedule(backbone_stacks: int, extra_stacks: int) -> list[DecoderSte
 
 
 class AxialResNet(nn.Module):
-    """The encoder. Arguments mirror deeplab2's AxialResNet; `group` holds the BlockGroup settings.
+    """The encoder. Arguments mirror deeplab2's AxialResNet and its block-group settings.
 
     Args:
         num_blocks: blocks of the 4 ResNet stages (a Wide-ResNet adds a 3-block stage 1).
@@ -106,37 +106,82 @@ class AxialResNet(nn.Module):
         stem_channels: output channels of the stem.
         base_filters: the stage-2 bottleneck width f (64 for S and L); a stage with original input
             stride s uses f * s / 2, a decoder stage at input stride s has f * s channels.
+        use_axial_beyond_stride, attention_bottleneck_expansion, axial_key_expansion,
+            axial_value_expansion, axial_num_heads, rpe_length: the axial blocks of every group.
+        backbone_use_transformer_beyond_stride, extra_decoder_use_transformer_beyond_stride: the
+            original ResNet stride from which the backbone's / the extra groups' blocks get a
+            dual-path layer.
+        backbone_decoder_num_stacks, extra_decoder_num_stacks: hourglass decoder stacks.
+        backbone_decoder_blocks_per_stage, extra_decoder_blocks_per_stage: blocks per decoder
+            stage (the extra count also sizes `stage5_extra`).
         num_mask_slots, memory_channels: the memory, N x C_m.
+        base_transformer_expansion: dual-path width multiplier at the output stride; a group at
+            stride s uses it x s / 16.
+        transformer_ffn_channels: hidden width of every dual-path memory FFN.
         global_ffn_channels: width of the class/mask feature FFNs on the memory.
-        group: keyword arguments shared by every BlockGroup (axial/transformer/drop-path settings).
+        drop_path_stage_keep_probs: the drop-path keep probability of each stage
+            (stage = log2(original ResNet stride) - 1), for every group.
     """
 
     def __init__(
         self,
         *,
         num_blocks: list[int],
-        backbone_type: str = "resnet_beta",
-        stem_channels: int = 128,
-        base_filters: int = 64,
-        backbone_use_transformer_beyond_stride: int = 32,
-        extra_decoder_use_transformer_beyond_stride: int = 32,
-        backbone_decoder_num_stacks: int = 0,
-        backbone_decoder_blocks_per_stage: int = 1,
-        extra_decoder_num_stacks: int = 0,
-        extra_decoder_blocks_per_stage: int = 1,
-        num_mask_slots: int = 128,
-        memory_channels: int = 256,
-        base_transformer_expansion: float = 1.0,
-        global_ffn_channels: int = 256,
-        group: dict | None = None,
+        backbone_type: str,
+        stem_channels: int,
+        base_filters: int,
+        use_axial_beyond_stride: int,
+        attention_bottleneck_expansion: float,
+        axial_key_expansion: float,
+        axial_value_expansion: float,
+        axial_num_heads: int,
+        rpe_length: int,
+        backbone_use_transformer_beyond_stride: int,
+        extra_decoder_use_transformer_beyond_stride: int,
+        backbone_decoder_num_stacks: int,
+        extra_decoder_num_stacks: int,
+        extra_decoder_blocks_per_stage: int,
+        num_mask_slots: int,
+        memory_channels: int,
+        base_transformer_expansion: float,
+        transformer_ffn_channels: int,
+        global_ffn_channels: int,
+        drop_path_stage_keep_probs: Sequence[float],
+        backbone_decoder_blocks_per_stage: int = 1,  # deeplab2's fixed value; no config field
     ) -> None:
         super().__init__()
-        group = dict(
-            group or {},
-            backbone_type=backbone_type,
-            memory_channels=memory_channels,
-            output_stride=OUTPUT_STRIDE,
-        )
+
+        def block_group(
+            in_channels: int,
+            filters: int,
+            num_blocks: int,
+            *,
+            original_resnet_stride: int,
+            original_resnet_input_stride: int,
+            use_transformer_beyond_stride: int,
+            transformer_expansion: float,
+        ) -> BlockGroup:
+            """A BlockGroup with the settings that every group of the encoder shares."""
+            return BlockGroup(
+                in_channels,
+                filters,
+                num_blocks,
+                original_resnet_stride=original_resnet_stride,
+                original_resnet_input_stride=original_resnet_input_stride,
+                backbone_type=backbone_type,
+                use_axial_beyond_stride=use_axial_beyond_stride,
+                use_transformer_beyond_stride=use_transformer_beyond_stride,
+                attention_bottleneck_expansion=attention_bottleneck_expansion,
+                axial_key_expansion=axial_key_expansion,
+                axial_value_expansion=axial_value_expansion,
+                axial_num_heads=axial_num_heads,
+                rpe_length=rpe_length,
+                memory_channels=memory_channels,
+                transformer_expansion=transformer_expansion,
+                transformer_ffn_channels=transformer_ffn_channels,
+                drop_path_stage_keep_probs=drop_path_stage_keep_probs,
+            )
+
         self.backbone_decoder_num_stacks = backbone_decoder_num_stacks
         self.extra_decoder_num_stacks = extra_decoder_num_stacks
         total_strides = list(RESNET_INPUT_STRIDES)
@@ -147,11 +192,9 @@ class AxialResNet(nn.Module):
             self.first_stage, num_blocks_list = 1, [3, *num_blocks]
             filters[0] = stem_channels // 2
             strides[0], total_strides[0] = 1, 2
-        elif backbone_type == "resnet_beta":
+        else:  # 'resnet_beta' (config.BACKBONE_TYPES)
             self.stem = InceptionStem(stem_channels)
             self.first_stage, num_blocks_list = 2, [0, *num_blocks]
-        else:
-            raise ValueError(f"unknown backbone_type {backbone_type!r}")
         self.memory_feature = nn.Parameter(torch.empty(num_mask_slots, memory_channels))
         truncated_normal_(self.memory_feature, MEMORY_INIT_STD)
 
@@ -160,7 +203,7 @@ class AxialResNet(nn.Module):
         channels = stem_channels
         endpoint_channels = {2: [stem_channels]}
         for index in range(self.first_stage - 1, 5):
-            stage = BlockGroup(
+            stage = block_group(
                 channels,
                 filters[index],
                 num_blocks_list[index],
@@ -171,7 +214,6 @@ class AxialResNet(nn.Module):
                 transformer_expansion=base_transformer_expansion
                 * RESNET_INPUT_STRIDES[index]
                 / OUTPUT_STRIDE,
-                **group,
             )
             self.add_module(f"stage{index + 1}", stage)
             channels = stage.out_channels
@@ -180,7 +222,7 @@ class AxialResNet(nn.Module):
         self.backbone_channels = channels
 
         if backbone_decoder_num_stacks == 0:
-            stage5_extra = BlockGroup(
+            stage5_extra = block_group(
                 channels,
                 filters[-1],
                 extra_decoder_blocks_per_stage,
@@ -188,7 +230,6 @@ class AxialResNet(nn.Module):
                 original_resnet_input_stride=2 * OUTPUT_STRIDE,
                 use_transformer_beyond_stride=extra_decoder_use_transformer_beyond_stride,
                 transformer_expansion=base_transformer_expansion,
-                **group,
             )
             self.add_module(f"stage5_{EXTRA}", stage5_extra)
             channels = stage5_extra.out_channels
@@ -205,32 +246,31 @@ class AxialResNet(nn.Module):
                 ResizedFuse(inputs, decoder_channels, step.stride),
             )
             channels = decoder_channels
-            settings = dict(
-                original_resnet_stride=1,
-                original_resnet_input_stride=step.original_input_stride,
-                transformer_expansion=base_transformer_expansion * step.stride / OUTPUT_STRIDE,
-                **group,
-            )
+            expansion = base_transformer_expansion * step.stride / OUTPUT_STRIDE
             if step.backbone_group:
                 self.add_module(
                     f"decoder_stage{step.stage}",
-                    BlockGroup(
+                    block_group(
                         channels,
                         decoder_channels // 4,
                         backbone_decoder_blocks_per_stage,
+                        original_resnet_stride=1,
+                        original_resnet_input_stride=step.original_input_stride,
                         use_transformer_beyond_stride=backbone_use_transformer_beyond_stride,
-                        **settings,
+                        transformer_expansion=expansion,
                     ),
                 )
             if step.extra_group:
                 self.add_module(
                     f"decoder_stage{step.stage}_{EXTRA}",
-                    BlockGroup(
+                    block_group(
                         channels,
                         decoder_channels // 4,
                         extra_decoder_blocks_per_stage,
+                        original_resnet_stride=1,
+                        original_resnet_input_stride=step.original_input_stride,
                         use_transformer_beyond_stride=extra_decoder_use_transformer_beyond_stride,
-                        **settings,
+                        transformer_expansion=expansion,
                     ),
                 )
             endpoint_channels[step.stride].append(channels)

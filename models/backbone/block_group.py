@@ -1,11 +1,13 @@
 """A stage of residual blocks, each optionally followed by a dual-path transformer layer.
 
-deeplab2: `model/layers/axial_block_groups.py` BlockGroup; spec §1.2 and §1.7. The per-block rules
-all hang on the block's *original ResNet stride* (its input stride in an un-dilated ResNet):
+deeplab2: `model/layers/axial_block_groups.py` BlockGroup; docs/deeplab2.md#stage-table and
+#drop-path. The per-block rules all hang on the block's *original ResNet stride* (its input
+stride in an un-dilated ResNet):
 - axial attention iff that stride >= `use_axial_beyond_stride`; otherwise a conv bottleneck
   (ResNet-beta) or a basic block (Wide-ResNet, except its last stage which uses a [f, 2f, 4f]
   bottleneck);
-- drop path iff that stride >= `drop_path_beyond_stride`, with stage = log2(stride) - 1;
+- drop-path keep probability `drop_path_stage_keep_probs[stage]`, stage = log2(stride) - 1
+  (`build_model` computes them, 1.0 below `drop_path_beyond_stride`);
 - after block 1 applies the group's stride, the original stride doubles, and a dual-path layer
   follows each block iff the updated stride >= `use_transformer_beyond_stride`;
 - the stride is applied only while below the output stride; beyond it, conv blocks get atrous
@@ -16,13 +18,14 @@ The transformer layer of a block uses the block's keep probability but draws its
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from maxdeeplab.models.backbone.axial_attention import MAX_SPAN
 from maxdeeplab.models.backbone.residual_block import ResidualBlock
-from maxdeeplab.models.layers import checkpointed_call, drop_path_keep_prob, drop_path_mask
+from maxdeeplab.models.layers import checkpointed_call, drop_path_mask
+from maxdeeplab.models.strides import OUTPUT_STRIDE
 from maxdeeplab.models.transformer import DualPathDropMasks, DualPathTransformerLayer
 
 # deeplab2 names the transformer layers `_block{i}_transformer`; the name carries the LR rule.
@@ -38,13 +41,16 @@ class BlockGroup(nn.Module):
         num_blocks: residual blocks in the group.
         original_resnet_stride: this group's stride in the original ResNet (1 or 2).
         original_resnet_input_stride: the original ResNet stride of the group's input.
-        memory_channels: C_m of the memory, used if a transformer layer is built.
-        output_stride: the network's output stride (16).
         backbone_type: 'resnet_beta' or 'wider_resnet'.
+        use_axial_beyond_stride, use_transformer_beyond_stride: see the module docstring.
+        attention_bottleneck_expansion: an axial bottleneck's first width is f x this.
+        axial_key_expansion, axial_value_expansion, axial_num_heads, rpe_length: the
+            AxialAttention2D settings.
+        memory_channels: C_m of the memory, used if a transformer layer is built.
         transformer_expansion: DPT filters = 128 x this.
-        drop_path_*: keep probability of the last stage, schedule, and the first eligible stride.
-        axial: dict of AxialAttention2D settings (key/value expansion, heads, RPE length).
-        transformer: dict of DualPathTransformerLayer settings.
+        transformer_ffn_channels: hidden width of the DPT memory FFN.
+        drop_path_stage_keep_probs: the drop-path keep probability of each stage 0, 1, ...
+            (stage = log2(original ResNet stride) - 1).
     """
 
     def __init__(
@@ -55,22 +61,20 @@ class BlockGroup(nn.Module):
         *,
         original_resnet_stride: int,
         original_resnet_input_stride: int,
+        backbone_type: str,
+        use_axial_beyond_stride: int,
+        use_transformer_beyond_stride: int,
+        attention_bottleneck_expansion: float,
+        axial_key_expansion: float,
+        axial_value_expansion: float,
+        axial_num_heads: int,
+        rpe_length: int,
         memory_channels: int,
-        output_stride: int = 16,
-        backbone_type: str = "resnet_beta",
-        use_axial_beyond_stride: int = 16,
-        use_transformer_beyond_stride: int = 32,
-        attention_bottleneck_expansion: float = 2.0,
-        transformer_expansion: float = 1.0,
-        drop_path_keep_prob_last: float = 0.8,
-        drop_path_beyond_stride: int = 16,
-        drop_path_schedule: str = "constant",
-        axial: dict | None = None,
-        transformer: dict | None = None,
+        transformer_expansion: float,
+        transformer_ffn_channels: int,
+        drop_path_stage_keep_probs: Sequence[float],
     ) -> None:
         super().__init__()
-        axial = axial or {}
-        transformer = transformer or {}
         self.num_blocks = num_blocks
         self.keep_probs: list[float] = []
         self.use_checkpointing = False
@@ -79,22 +83,18 @@ class BlockGroup(nn.Module):
         for index in range(num_blocks):
             strides = (
                 original_resnet_stride
-                if index == 0 and original_resnet_input_stride < output_stride
+                if index == 0 and original_resnet_input_stride < OUTPUT_STRIDE
                 else 1
             )
-            dilation = current_stride // output_stride if current_stride > output_stride else 1
+            dilation = current_stride // OUTPUT_STRIDE if current_stride > OUTPUT_STRIDE else 1
             end_stride = original_resnet_input_stride * original_resnet_stride
             second_dilation = (
-                end_stride // output_stride
-                if index == 0 and end_stride > output_stride
+                end_stride // OUTPUT_STRIDE
+                if index == 0 and end_stride > OUTPUT_STRIDE
                 else dilation
             )
-            if current_stride >= drop_path_beyond_stride:
-                stage = int(round(math.log2(current_stride) - 1))
-                keep = drop_path_keep_prob(drop_path_keep_prob_last, drop_path_schedule, stage)
-            else:
-                keep = 1.0
-            self.keep_probs.append(keep)
+            stage = int(round(math.log2(current_stride) - 1))
+            self.keep_probs.append(drop_path_stage_keep_probs[stage])
             attention = current_stride >= use_axial_beyond_stride > 0
             block_filters = _block_filters(
                 filters, attention, backbone_type, end_stride, attention_bottleneck_expansion
@@ -106,10 +106,10 @@ class BlockGroup(nn.Module):
                 dilation=dilation,
                 second_dilation=second_dilation,
                 attention=attention,
-                rpe_length=axial.get("rpe_length", 2 * MAX_SPAN - 1),
-                key_expansion=axial.get("key_expansion", 1.0),
-                value_expansion=axial.get("value_expansion", 2.0),
-                num_heads=axial.get("num_heads", 8),
+                key_expansion=axial_key_expansion,
+                value_expansion=axial_value_expansion,
+                num_heads=axial_num_heads,
+                rpe_length=rpe_length,
             )
             self.add_module(f"block{index + 1}", block)
             channels = block.out_channels
@@ -121,7 +121,7 @@ class BlockGroup(nn.Module):
                     channels,
                     memory_channels,
                     filters=int(128 * transformer_expansion),
-                    **transformer,
+                    ffn_channels=transformer_ffn_channels,
                 )
             self.add_module(f"block{index + 1}_{TRANSFORMER}", layer)
         self.out_channels = channels
@@ -167,13 +167,9 @@ def _block_filters(
     """The channel list of a block (deeplab2 BlockGroup's filters_list)."""
     if attention:
         return [int(round(filters * expansion)), filters, filters * 4]
-    if backbone_type in ("resnet", "resnet_beta"):
-        return [filters, filters, filters * 4]
     if backbone_type == "wider_resnet":
         # Wide-ResNet uses basic blocks except in the last stage (stride 16 -> 32).
         return (
             [filters * 4, filters * 4] if end_stride < 32 else [filters, filters * 2, filters * 4]
         )
-    raise ValueError(
-        f"unknown backbone_type {backbone_type!r}; use 'resnet_beta' or 'wider_resnet'"
-    )
+    return [filters, filters, filters * 4]  # 'resnet_beta' (config.BACKBONE_TYPES)

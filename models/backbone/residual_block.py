@@ -1,4 +1,6 @@
-"""Residual blocks of the Axial-ResNet (spec §1.4): deeplab2 `model/layers/axial_blocks.py`.
+"""Residual blocks of the Axial-ResNet: deeplab2 `model/layers/axial_blocks.py`.
+
+Described in docs/deeplab2.md#residual-blocks.
 
 One class covers the three kinds deeplab2 builds, chosen by `filters` and `attention`:
 - conv bottleneck [f, f, 4f]: 1x1 -> 3x3 (stride, dilation) -> 1x1;
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maxdeeplab.models.backbone.axial_attention import MAX_SPAN, AxialAttention2D
+from maxdeeplab.models.backbone.axial_attention import AxialAttention2D
 from maxdeeplab.models.layers import ConvBN
 
 
@@ -30,7 +32,8 @@ class ResidualBlock(nn.Module):
         stride: applied by the first spatial operation (3x3 conv or attention).
         dilation: atrous rate of the 3x3 conv(s); `second_dilation` for a basic block's second conv.
         attention: True for an axial bottleneck (filters[1] is the attention's f).
-        key_expansion, value_expansion, num_heads, rpe_length: axial-attention settings.
+        key_expansion, value_expansion, num_heads, rpe_length: axial-attention settings (used by
+            an axial bottleneck only).
     """
 
     def __init__(
@@ -42,10 +45,10 @@ class ResidualBlock(nn.Module):
         dilation: int = 1,
         second_dilation: int | None = None,
         attention: bool = False,
-        key_expansion: float = 1.0,
-        value_expansion: float = 2.0,
-        num_heads: int = 8,
-        rpe_length: int = 2 * MAX_SPAN - 1,
+        key_expansion: float,
+        value_expansion: float,
+        num_heads: int,
+        rpe_length: int,
     ) -> None:
         super().__init__()
         self.stride = stride

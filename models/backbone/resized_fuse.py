@@ -1,6 +1,6 @@
 """ResizedFuse: sum features of several strides after bringing each to C channels and one size.
 
-deeplab2: `model/layers/resized_fuse.py`; spec §3.1. Per input:
+deeplab2: `model/layers/resized_fuse.py`; docs/deeplab2.md#pixel-decoder. Per input:
 - already C channels: bilinear resize (align corners) only;
 - at half the target resolution's stride (i.e. (h + 1) // 2 == target h): ReLU -> 1x1 conv stride 2
   + BN;

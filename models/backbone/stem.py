@@ -1,6 +1,7 @@
-"""Stems (spec §1.3): deeplab2 `model/layers/stems.py` and the Wide-ResNet stem (axial_resnet.py).
+"""Stems: deeplab2 `model/layers/stems.py` and the Wide-ResNet stem (axial_resnet.py).
 
-Both end with a BN and no activation: the next block applies ReLU to its input (spec §1.4).
+Both end with a BN and no activation: the next block applies ReLU to its input
+(docs/deeplab2.md#stem, #residual-blocks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class InceptionStem(nn.Module):
     ResNet-50-beta's stem (MaX-DeepLab-S): 3 -> 64 -> 64 -> 128 channels at stride 2.
     """
 
-    def __init__(self, out_channels: int = 128, in_channels: int = 3) -> None:
+    def __init__(self, out_channels: int, in_channels: int = 3) -> None:
         super().__init__()
         width = out_channels // 2
         self.conv1_bn_act = ConvBN(in_channels, width, 3, stride=2, relu=True)
@@ -33,7 +34,7 @@ class InceptionStem(nn.Module):
 class ConvStem(nn.Module):
     """One conv3x3 stride 2 + BN (the Wide-ResNet-41 stem of MaX-DeepLab-L)."""
 
-    def __init__(self, out_channels: int = 64, in_channels: int = 3) -> None:
+    def __init__(self, out_channels: int, in_channels: int = 3) -> None:
         super().__init__()
         self.conv_bn = ConvBN(in_channels, out_channels, 3, stride=2)
         self.out_channels = out_channels

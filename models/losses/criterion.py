@@ -1,4 +1,6 @@
-"""The MaX-DeepLab training criterion: targets -> matching -> the five loss terms (spec §4).
+"""The MaX-DeepLab training criterion: targets -> matching -> the five loss terms.
+
+Described in docs/deeplab2.md#losses.
 
 `compute_losses` returns the terms exactly as deeplab2 logs them: each already multiplied by its
 weight, each the batch mean of per-image values, plus their sum.

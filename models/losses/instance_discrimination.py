@@ -1,4 +1,6 @@
-"""Instance discrimination loss of MaX-DeepLab (spec §4.5; deeplab2's original form, sample_k = 0).
+"""Instance discrimination loss of MaX-DeepLab (deeplab2's original form, sample_k = 0).
+
+Described in docs/deeplab2.md#instance-discrimination.
 
 For every non-void GT mask i (things and stuff) the mask feature is the L2-normalised mean of the
 L2-normalised pixel embeddings g over the mask. Each pixel then classifies itself among the GT masks

@@ -1,4 +1,6 @@
-"""Mask-ID cross-entropy of MaX-DeepLab (spec §4.4; deeplab2 `TopKCrossEntropyLoss`, top_k = 1).
+"""Mask-ID cross-entropy of MaX-DeepLab (deeplab2 `TopKCrossEntropyLoss`, top_k = 1).
+
+Described in docs/deeplab2.md#mask-id-cross-entropy.
 
 Each pixel's softmax over the N slots is scored against the slot that the Hungarian matching gave to
 the pixel's GT mask. (The earlier PyTorch port compared against the GT mask index itself, with no
@@ -6,7 +8,7 @@ permutation: that is the bug this module does not reproduce.) deeplab2 weights b
 flag and averages over the non-zero losses, so pixels that belong to no GT mask (their one-hot
 target is all zeros) drop out; here they are the pixels with target -1. Pixels of GT masks left
 unmatched because there are more masks than slots are also left out (deeplab2 would score them
-against a -99999 padded logit, spec §4.2 edge case).
+against a -99999 padded logit, docs/deeplab2.md#more-masks-than-slots).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The PQ-style loss of MaX-DeepLab as deeplab2 computes it (spec §4.3).
+"""The PQ-style loss of MaX-DeepLab as deeplab2 computes it (docs/deeplab2.md#pq-style-loss).
 
 deeplab2 splits the loss into two terms (`max_deeplab_loss.py`, `base_loss.FocalCrossEntropyLoss`
 and `base_loss.MaskDiceLoss`), both after Hungarian matching:
@@ -17,8 +17,8 @@ and `base_loss.MaskDiceLoss`), both after Hungarian matching:
 
 The void ratio `sum_p void(p) P_k(p) / (sum_p P_k(p) + 1e-5)` equals the share of slot k's soft mask
 lying on void pixels. deeplab2's comment says it *reduces* the penalty of slots on void; the
-arithmetic makes negatives on labelled pixels nearly free instead (spec §4.3 (c)). We copy the code
-by default.
+arithmetic makes negatives on labelled pixels nearly free instead
+(docs/deeplab2.md#pq-style-loss-code-versus-paper). We copy the code by default.
 """
 
 from __future__ import annotations

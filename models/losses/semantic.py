@@ -1,4 +1,6 @@
-"""Auxiliary semantic cross-entropy of MaX-DeepLab (spec §4.6; deeplab2 `TopKCrossEntropyLoss`).
+"""Auxiliary semantic cross-entropy of MaX-DeepLab (deeplab2 `TopKCrossEntropyLoss`).
+
+Described in docs/deeplab2.md#semantic-loss.
 
 Softmax cross-entropy over the K + 1 semantic channels (channel 0 = void) at stride 4 against the
 subsampled labels, ignore label 0, per-pixel weights from the data (1.0 for S; the L variant raises
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from maxdeeplab.models.losses.reduction import mean_over_nonzero
 
-# The ignore label of the semantic maps (spec §7.3: semantic 0 = void).
+# The ignore label of the semantic maps (semantic 0 = void, docs/deeplab2.md#coco-panoptic-ids).
 IGNORE_LABEL = 0
 
 

@@ -6,9 +6,10 @@ Layout (COCO 2017, also what `maxdeeplab data synthetic` writes)::
     ROOT/annotations/panoptic_<split>/*.png  RGB-encoded segment ids (0 = void)
     ROOT/<split>/*.jpg                       the images
 
-Contiguous ids (spec §7.3, deeplab2 `coco_constants.get_id_mapping`): the things in JSON order get
-1..T, then the stuff in JSON order get T+1..K; 0 is void. `DatasetInfo` holds the map both ways, so
-training uses contiguous ids and predictions are written back with the dataset's category ids.
+Contiguous ids (deeplab2 `coco_constants.get_id_mapping`, docs/deeplab2.md#coco-panoptic-ids): the
+things in JSON order get 1..T, then the stuff in JSON order get T+1..K; 0 is void. `DatasetInfo`
+holds the map both ways, so training uses contiguous ids and predictions are written back with
+the dataset's category ids.
 Crowd segments (`iscrowd=1`) are void for training (deeplab2 builds COCO with
 `treat_crowd_as_ignore=True`); the evaluator keeps them, as panopticapi does.
 """

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from maxdeeplab.models.config import LossConfig
+from maxdeeplab.platform.config import DataConfig
 from maxdeeplab.platform.data.coco import CocoPanoptic, require_root
 from maxdeeplab.platform.data.dataset import (
     PanopticEvalDataset,
@@ -175,7 +176,7 @@ def iterate_from(loader: Any, start_step: int = 0) -> Iterator[Any]:
         epoch, skip = epoch + 1, 0
 
 
-def resolve_data_root(data_cfg: Any, work_dir: str | Path) -> Path:
+def resolve_data_root(data_cfg: DataConfig, work_dir: str | Path) -> Path:
     """`data.root`, or, when it is empty, the synthetic set generated once under work_dir/data."""
     if data_cfg.root:
         return require_root(data_cfg.root)
@@ -191,7 +192,7 @@ def resolve_data_root(data_cfg: Any, work_dir: str | Path) -> Path:
 
 
 def build_train_dataset(
-    data_cfg: Any, loss_cfg: LossConfig, *, work_dir: str | Path, seed: int
+    data_cfg: DataConfig, loss_cfg: LossConfig, *, work_dir: str | Path, seed: int
 ) -> PanopticTrainDataset:
     """The training dataset of an experiment (cfg.data, cfg.loss, cfg.work_dir, cfg.seed)."""
     split = CocoPanoptic(resolve_data_root(data_cfg, work_dir), data_cfg.train_split)
@@ -207,7 +208,7 @@ def build_train_dataset(
     )
 
 
-def build_eval_dataset(data_cfg: Any, *, work_dir: str | Path) -> PanopticEvalDataset:
+def build_eval_dataset(data_cfg: DataConfig, *, work_dir: str | Path) -> PanopticEvalDataset:
     """The evaluation dataset of an experiment (`cfg.data.val_split`)."""
     split = CocoPanoptic(resolve_data_root(data_cfg, work_dir), data_cfg.val_split)
     return PanopticEvalDataset(

@@ -1,4 +1,6 @@
-"""A seeded synthetic dataset written in exactly the COCO panoptic format (DESIGN §4).
+"""A seeded synthetic dataset written in exactly the COCO panoptic format.
+
+Its place in the data flow: docs/architecture.md#data-flow.
 
 It exercises what COCO exercises: several thing classes with multiple, touching and occluding
 instances (instances of the same class can touch; a ring has a hole showing the background),

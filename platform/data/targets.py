@@ -1,4 +1,6 @@
-"""Training targets of an augmented COCO panoptic crop (spec §4.1; deeplab2 sample_generator.py).
+"""Training targets of an augmented COCO panoptic crop (deeplab2 sample_generator.py).
+
+Described in docs/deeplab2.md#ground-truth-at-stride-4.
 
 For one S x S crop of compact segment labels (`coco.segment_index_map`: k + 1 for a pixel of
 segment k, 0 for void, crowd already void) this builds what `PanopticTargets` holds per image:

@@ -1,4 +1,6 @@
-"""deeplab2's MaX-DeepLab preprocessing (spec §5.2; `data/preprocessing/input_preprocessing.py`).
+"""deeplab2's MaX-DeepLab preprocessing (`data/preprocessing/input_preprocessing.py`).
+
+Described in docs/deeplab2.md#data-pipeline.
 
 Training, in deeplab2's order:
 1. resize so the longer side equals the crop size S (aspect kept, sizes floored); the image with

@@ -1,13 +1,13 @@
-"""The in-memory PQ accumulator used during training (DESIGN §4): id maps in, per-category sums out.
+"""The in-memory PQ accumulator used during training: id maps in, per-category sums out.
 
 Each `update` turns a (prediction, ground truth) pair of H x W segment-id maps into a small GT x
-prediction intersection table and scores it with `pq.score_pair_table` (panopticapi semantics, spec
-§7.1). The table is built without sorting: a lookup table (LUT) maps every segment id to a dense
-index (0 = an id not listed in the segments, 1 = VOID, 2.. = the listed segments), and one
-`bincount` over `gt_index · stride + pred_index` counts every pair. That is a few linear passes over
-the pixels (~1 ms for 640 x 480 on one core), against a 64-bit sort in panopticapi. Torch tensors
-stay on their device: only the (G+2) x (P+2) table is copied to the host, never a full-resolution
-map.
+prediction intersection table and scores it with `pq.score_pair_table` (panopticapi semantics,
+docs/deeplab2.md#panoptic-quality). The table is built without sorting: a lookup table (LUT) maps
+every segment id to a dense index (0 = an id not listed in the segments, 1 = VOID, 2.. = the
+listed segments), and one `bincount` over `gt_index · stride + pred_index` counts every pair. That
+is a few linear passes over the pixels (~1 ms for 640 x 480 on one core), against a 64-bit sort in
+panopticapi. Torch tensors stay on their device: only the (G+2) x (P+2) table is copied to the
+host, never a full-resolution map.
 
 Sums merge by addition (`PQStat.__add__`, `to_tensor` / `from_tensor` for
 `torch.distributed.all_reduce`).
@@ -178,7 +178,8 @@ class PQAccumulator:
 
     Args:
         categories: COCO `categories` dicts (`id`, `isthing`) or a mapping category id -> isthing.
-        crowd_as_void: deeplab2's pipeline PQ (crowd of any category counts as VOID), spec §6.3.
+        crowd_as_void: deeplab2's pipeline PQ (crowd of any category counts as VOID),
+            docs/deeplab2.md#pipeline-pq.
 
     Example:
         acc = PQAccumulator(categories)

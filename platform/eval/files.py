@@ -1,7 +1,8 @@
 """PQ of COCO-panoptic prediction files: panopticapi's `pq_compute`, exact and fast.
 
-Same numbers as the official `panopticapi/evaluation.py` (spec §7.1: GT areas are read from the
-JSON, predicted areas counted from the PNG). Two engines compute the per-category sums:
+Same numbers as the official `panopticapi/evaluation.py` (docs/deeplab2.md#panoptic-quality: GT
+areas are read from the JSON, predicted areas counted from the PNG). Two engines compute the
+per-category sums:
 - "numpy" (ours, every mode): per image, decode both PNGs (Pillow), map ids to dense indices with
   a lookup table, one `bincount` for the GT x prediction table, vectorised matching
   (`pq.score_pair_table`): ~7 ms of CPU per 640x480 image, ~2x less than panopticapi. Pillow's
@@ -187,7 +188,8 @@ def evaluate_files(
         gt_json, gt_dir: ground truth `panoptic_*.json` and its PNG folder.
         pred_json, pred_dir: predictions in the same format (`area`, `bbox` not needed).
         workers: processes; 1 runs in this process.
-        crowd_as_void: deeplab2 pipeline PQ (spec §6.3) instead of the official one.
+        crowd_as_void: deeplab2 pipeline PQ (docs/deeplab2.md#pipeline-pq) instead of the
+            official one.
         progress: show a tqdm bar (numpy engine).
         engine: "numpy" (ours: PIL decode + bincount), "hotcoco" (its Rust PNG decoding and
             matching, ~2x faster per thread; official mode only), or "auto": hotcoco when installed

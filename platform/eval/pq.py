@@ -1,4 +1,4 @@
-"""Panoptic Quality with the official panopticapi semantics (spec §7.1), as sums that add up.
+"""Panoptic Quality with the official panopticapi semantics, as sums that add up.
 
 Reference: cocodataset/panopticapi `evaluation.py` (commit 7bb4655). Per category c, a ground-truth
 (GT) segment g and a predicted segment p of category c match iff IoU(g, p) > 0.5 with
@@ -20,8 +20,9 @@ Two details of the official script are kept on purpose, because PQ must equal it
 - match decisions are made on exact integers (`2·|g∩p| > union`, `2·(void+crowd) > |p|`), which give
   the same answers as the script's float comparisons for every image smaller than 2^52 pixels.
 
-`crowd_as_void=True` is deeplab2's pipeline PQ (spec §6.3 / §7.2): crowd regions of *any* category
-become VOID before scoring, so they leave every union and count toward every prediction's exemption.
+`crowd_as_void=True` is deeplab2's pipeline PQ (docs/deeplab2.md#pipeline-pq, #deeplab2-pq): crowd
+regions of *any* category become VOID before scoring, so they leave every union and count toward
+every prediction's exemption.
 
 `PQStat` holds the per-category sums (`iou`, `tp`, `fp`, `fn`) and merges by `+`; `score_pair_table`
 turns one image's GT x prediction intersection table into those sums.

@@ -4,7 +4,7 @@ A checkpoint holds the model (unwrapped from DDP, BN buffers included), the opti
 moments), the global step and the non-finite-step counters. Nothing else is needed for an exact
 resume because everything else is a function of (seed, step): the learning rate (`optim.py`), the
 data order and augmentation (`EpochSampler` + the dataset's (seed, epoch, index) generators) and the
-per-step torch RNG (`train.seed_step`). The RNG state at save time is therefore not stored: it is
+per-step torch RNG (`loop.seed_step`). The RNG state at save time is therefore not stored: it is
 rebuilt from the step.
 
 Ray Train persists the directory (`ray.train.Checkpoint.from_directory`) and hands the latest one
@@ -38,7 +38,8 @@ class TrainingState:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def save_checkpoint(

@@ -7,8 +7,8 @@
 Layout of a run (`<work_dir>/ray/<run name>/`, Ray Train's `RunConfig(name, storage_path)`):
 Ray's checkpoints `checkpoint_<step>/`, our `config.yaml` (the resolved experiment), `mlflow_run_id`
 and the loop's status file. Re-running a TorchTrainer with the same name and storage path makes Ray
-continue from the run's latest checkpoint (ray_notes.md), which is how `--resume` works; a new run
-therefore always gets a new name.
+continue from the run's latest checkpoint (docs/architecture.md#run-names-decide-resume), which is
+how `--resume` works; a new run therefore always gets a new name.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def start_ray(address: str | None = None, *, quiet: bool = True) -> None:
     """Connect to Ray unless already connected: `address`, else RAY_ADDRESS, else a local instance.
 
     The local instance keeps its dashboard process: without it Train V2 cannot clean up a finished
-    run's placement group and the next run on the same instance waits forever (ray_notes.md).
+    run's placement group and the next run on the same instance waits forever
+    (docs/architecture.md#keep-the-dashboard-process).
     """
     import ray
 
@@ -152,7 +153,7 @@ def show_only_progress_lines() -> None:
     """Print only the workers' progress lines, without Ray's prefixes.
 
     Ray forwards every worker and controller log line to the driver, including messages that
-    repeat during healthy runs (PlacementGroupCleaner, PreemptionWatcher: ray_notes.md). All of it
+    repeat during healthy runs (PlacementGroupCleaner, PreemptionWatcher). All of it
     stays in Ray's session logs; the console shows the lines the training loop marks. This uses
     Ray's (private) log-forwarding hook; if it is missing, Ray's default printing stays.
     """
@@ -215,7 +216,9 @@ def build_trainer(
     )
     if not local:  # the driver removes what this records when fit() ends (placement_groups.py)
         callbacks = [*callbacks, PlacementGroupRecorder(str(run_directory(cfg, run_name)))]
-    run_config = RunConfig(
+    # Ray Train v2 (the default) re-exports its own RunConfig, which takes logging_config; mypy
+    # only sees the older ray.air one that `ray.train` binds first.
+    run_config = RunConfig(  # type: ignore[call-arg]
         name=run_name,
         storage_path=str(work_dir(cfg) / RAY_SUBDIR),
         failure_config=FailureConfig(max_failures=res.max_failures),
@@ -230,9 +233,10 @@ def build_trainer(
         mlflow_run_id=mlflow_run_id,
         crash_at_step=crash_at_step,
     )
+    # Ray hands train_loop_config to the worker function whatever its type; its stubs say dict.
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=options,
+        train_loop_per_worker,  # type: ignore[arg-type]
+        train_loop_config=options,  # type: ignore[arg-type]
         scaling_config=scaling,
         run_config=run_config,
     )

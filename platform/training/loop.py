@@ -1,8 +1,11 @@
-"""The per-worker training loop run by Ray Train (DESIGN §4-5, spec §5.1).
+"""The per-worker training loop run by Ray Train.
+
+Context: docs/architecture.md#data-flow and #exact-resume; the solver: docs/deeplab2.md#solver.
 
 Reads top to bottom like nanoGPT's train.py: data, model, optimiser, (resume), loop. Each Ray Train
-worker runs `train_loop_per_worker`; `train_step` (here) and `evaluate` (validation.py) are plain
-functions of a model, an optimiser and batches, usable without Ray.
+worker runs `train_loop_per_worker`; `step_once`, `train_step` (here) and `evaluate`
+(validation.py) are plain functions of a model, an optimiser and batches, usable without Ray:
+every loop that trains (this one, the benchmark's, the tests') steps through `step_once`.
 
 Exactness. The learning rate, the data order, the augmentation and the torch RNG are functions of
 (seed, step) (and the rank), so a worker group restarted from the checkpoint of step s replays steps
@@ -25,22 +28,23 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from maxdeeplab.models.losses.criterion import LOSS_KEYS, compute_losses
-from maxdeeplab.models.network import build_model, parameter_groups
+from maxdeeplab.models.network import MaXDeepLab, build_model, parameter_groups
 from maxdeeplab.models.structures import PanopticTargets
 from maxdeeplab.platform import tracking
 from maxdeeplab.platform.config import ExperimentConfig
+from maxdeeplab.platform.data.coco import DatasetInfo
 from maxdeeplab.platform.data.dataset import batch_targets
 from maxdeeplab.platform.data.loader import (
     build_eval_dataset,
@@ -94,6 +98,31 @@ class LoopOptions:
     crash_at_step: int | None = None
 
 
+@dataclass(frozen=True)
+class WorkerContext:
+    """One Ray Train worker's place in the run, fixed for the worker's lifetime.
+
+    Attributes:
+        rank: this worker's world rank; rank 0 prints, logs to MLflow and saves checkpoints.
+        world_size: the number of workers sharing the global batch.
+        device: where this worker's model and batches live.
+        cfg: the experiment (`LoopOptions.experiment`).
+        run_dir, mlflow_run_id, crash_at_step: as in `LoopOptions`.
+        console: rank 0's progress logger (None on the other ranks).
+        logger: rank 0's MLflow logger (None on the other ranks and in untracked runs).
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    cfg: ExperimentConfig
+    run_dir: str
+    mlflow_run_id: str | None = None
+    crash_at_step: int | None = None
+    console: logging.Logger | None = None
+    logger: tracking.RunLogger | None = None
+
+
 @dataclass
 class StepResult:
     """One optimiser step: per-term losses (this rank's mean over its passes) and whether it ran."""
@@ -132,7 +161,9 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> tuple:
+def _to_device(
+    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, PanopticTargets]:
     images = batch["image"].to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -194,6 +225,49 @@ def train_step(
     return StepResult(losses=sums, applied=applied, lr=lr)
 
 
+def step_once(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[dict[str, torch.Tensor]],
+    *,
+    step: int,
+    passes: int,
+    rank: int,
+    cfg: ExperimentConfig,
+    num_thing_classes: int,
+    device: torch.device,
+) -> StepResult:
+    """Global step `step` from the batch stream: fetch its passes, seed it, run `train_step`.
+
+    Every loop that trains (the Ray Train worker, the benchmark's plain loop, the tests) steps
+    through here, so a run resumed at step s with `iterate_from(loader, s * passes)` replays the
+    first attempt's data and random draws exactly.
+
+    Args:
+        batches: this rank's micro-batches in order (`data.loader.iterate_from`); `passes` of
+            them are taken.
+        step: the global step (0-based).
+        passes: micro-batches per step (`micro_batching`); gradients accumulate over them.
+        rank: this worker's world rank (each rank draws its own drop path).
+        model, optimizer, cfg, num_thing_classes, device: as in `train_step`.
+
+    Returns:
+        `train_step`'s result; a non-finite step is skipped there on every rank.
+    """
+    micro_batches = [next(batches) for _ in range(passes)]
+    # Seed after fetching: a new DataLoader iterator (each epoch) draws from torch's RNG.
+    seed_step(cfg.seed, step, rank)
+    return train_step(
+        model,
+        optimizer,
+        micro_batches,
+        step=step,
+        cfg=cfg,
+        num_thing_classes=num_thing_classes,
+        device=device,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The Ray Train worker
 
@@ -210,96 +284,61 @@ def train_loop_per_worker(options: LoopOptions) -> None:
     if device.type == "cpu":
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch must agree, also in local mode.
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    console = console_logger() if rank == 0 else None
     logger = (
         tracking.RunLogger(options.tracking_uri, options.mlflow_run_id)
         if rank == 0 and options.mlflow_run_id
         else None
     )
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        cfg=cfg,
+        run_dir=options.run_dir,
+        mlflow_run_id=options.mlflow_run_id,
+        crash_at_step=options.crash_at_step,
+        console=console_logger() if rank == 0 else None,
+        logger=logger,
+    )
     try:
-        _run(options, rank, world_size, device, console, logger)
+        _run(ctx)
     finally:
         if logger is not None:
             logger.close()
 
 
-def _run(options, rank, world_size, device, console, logger) -> None:
+def _run(ctx: WorkerContext) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = options.experiment
+    cfg = ctx.cfg
     # --- data
-    train_set = build_train_dataset(cfg.data, cfg.loss, work_dir=cfg.work_dir, seed=cfg.seed)
-    eval_set: Any = build_eval_dataset(cfg.data, work_dir=cfg.work_dir)
-    if cfg.eval.max_images:
-        eval_set = Subset(eval_set, range(min(cfg.eval.max_images, len(eval_set))))
-    info = train_set.split.info
-    micro, passes = micro_batching(cfg.train.batch_size, world_size, cfg.train.micro_batch_size)
-    train_loader = build_loader(
-        train_set,
-        batch_size=micro,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        num_replicas=world_size,
-        rank=rank,
-    )
-    eval_loader = build_loader(
-        eval_set,
-        batch_size=cfg.eval.batch_size,
-        num_workers=0,
-        train=False,
-        num_replicas=world_size,
-        rank=rank,
-    )
+    info, train_loader, eval_loader, passes = _build_data(ctx)
     # --- model and optimiser
-    model_cfg = replace(cfg.model, num_classes=info.num_classes)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
-    model: nn.Module = build_model(model_cfg)
-    if cfg.model.init_checkpoint:  # a resumed run overwrites these with its own checkpoint below
-        loaded = load_initial_weights(model, cfg.model.init_checkpoint)
-        if console:
-            console.info(
-                "%s initialised %d tensors from %s",
-                CONSOLE_MARKER,
-                loaded,
-                cfg.model.init_checkpoint,
-            )
-    if world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if cfg.train.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(*parameter_groups(model), cfg.optim)
-    state = TrainingState()
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as directory:
-            state, _ = load_checkpoint(directory, model=model, optimizer=optimizer)
-        if console:
-            console.info("%s resuming at step %d", CONSOLE_MARKER, state.step)
-    start_step = state.step
-    if world_size > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    network = _build_network(ctx, info.num_classes)
+    optimizer = build_optimizer(*parameter_groups(network), cfg.optim)
+    state = _resume(ctx, network, optimizer)
+    model: nn.Module = network
+    if ctx.world_size > 1:
+        model = ray.train.torch.prepare_model(network, move_to_device=False)
     # --- loop
     total = cfg.train.steps
-    batches = iterate_from(train_loader, start_step * passes)
-    meter = Meter(time.perf_counter(), start_step)
+    batches = iterate_from(train_loader, state.step * passes)
+    meter = Meter(time.perf_counter(), state.step)
     metrics: dict[str, float] = {}
     while state.step < total:
-        step = state.step
-        if step == options.crash_at_step:
-            _inject_crash(options.run_dir)
-        micro_batches = [next(batches) for _ in range(passes)]
-        # Seed after fetching: a new DataLoader iterator (each epoch) draws from torch's RNG.
-        seed_step(cfg.seed, step, rank)
-        result = train_step(
+        if state.step == ctx.crash_at_step:
+            _inject_crash(ctx.run_dir)
+        result = step_once(
             model,
             optimizer,
-            micro_batches,
-            step=step,
+            batches,
+            step=state.step,
+            passes=passes,
+            rank=ctx.rank,
             cfg=cfg,
             num_thing_classes=info.num_thing_classes,
-            device=device,
+            device=ctx.device,
         )
         state.step += 1
         meter.add(result)
@@ -309,31 +348,113 @@ def _run(options, rank, world_size, device, console, logger) -> None:
             state.bad_steps_in_a_row += 1
             state.bad_steps_total += 1
             if state.bad_steps_in_a_row > cfg.train.max_bad_steps:
-                _stop_diverged(options, state, rank, console, logger)
+                _stop_diverged(ctx, state)
                 return
         done = state.step == total
         if state.step % cfg.train.log_interval == 0 or done:
-            metrics = meter.flush(state, cfg.train.batch_size, total, console)
-            if logger is not None:
-                logger.log_metrics(metrics, step=state.step)
+            metrics = meter.flush(state, cfg.train.batch_size, total, ctx.console)
+            if ctx.logger is not None:
+                ctx.logger.log_metrics(metrics, step=state.step)
         paused = time.perf_counter()
         if state.step % cfg.eval.interval == 0 or done:
-            evaluation = evaluate(
-                unwrap(model),
-                eval_loader,
-                cfg=cfg,
-                info=info,
-                device=device,
-                num_visualizations=cfg.eval.num_visualizations if rank == 0 else 0,
-            )
-            metrics.update(evaluation.metrics(info))
-            log_evaluation(evaluation, state.step, info, console, logger, final=done)
+            metrics.update(_evaluate(ctx, model, eval_loader, info, state.step, final=done))
         if state.step % cfg.train.checkpoint_interval == 0 or done:
-            _report(metrics, state, model, optimizer, rank, options, logger, final=done)
+            _report(ctx, metrics, state, model, optimizer, final=done)
         elif state.step % cfg.eval.interval == 0:
             ray.train.report({**metrics, "step": state.step})  # for Tune schedulers
         meter.exclude(time.perf_counter() - paused)
-    _write_status(options.run_dir, rank, {"status": "finished", "step": state.step})
+    _write_status(ctx.run_dir, ctx.rank, {"status": "finished", "step": state.step})
+
+
+def _build_data(ctx: WorkerContext) -> tuple[DatasetInfo, DataLoader, DataLoader, int]:
+    """(the dataset's info, this rank's train and eval loaders, micro-batches per step)."""
+    cfg = ctx.cfg
+    train_set = build_train_dataset(cfg.data, cfg.loss, work_dir=cfg.work_dir, seed=cfg.seed)
+    full_eval_set = build_eval_dataset(cfg.data, work_dir=cfg.work_dir)
+    eval_set: Dataset = full_eval_set
+    if cfg.eval.max_images:
+        eval_set = Subset(full_eval_set, range(min(cfg.eval.max_images, len(full_eval_set))))
+    micro, passes = micro_batching(cfg.train.batch_size, ctx.world_size, cfg.train.micro_batch_size)
+    train_loader = build_loader(
+        train_set,
+        batch_size=micro,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+    )
+    eval_loader = build_loader(
+        eval_set,
+        batch_size=cfg.eval.batch_size,
+        num_workers=0,
+        train=False,
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+    )
+    return train_set.split.info, train_loader, eval_loader, passes
+
+
+def _build_network(ctx: WorkerContext, num_classes: int) -> MaXDeepLab:
+    """The model on `ctx.device`, with the same initial weights on every rank and every attempt."""
+    cfg = ctx.cfg
+    torch.manual_seed(cfg.seed)
+    network = build_model(replace(cfg.model, num_classes=num_classes))
+    if cfg.model.init_checkpoint:  # a resumed run overwrites these with its own checkpoint
+        loaded = load_initial_weights(network, cfg.model.init_checkpoint)
+        if ctx.console:
+            ctx.console.info(
+                "%s initialised %d tensors from %s",
+                CONSOLE_MARKER,
+                loaded,
+                cfg.model.init_checkpoint,
+            )
+    if ctx.world_size > 1 and ctx.device.type == "cuda":
+        # Replaces the BatchNorm layers inside; the top module, not a BatchNorm, comes back as is.
+        network = cast(MaXDeepLab, nn.SyncBatchNorm.convert_sync_batchnorm(network))
+    network.to(ctx.device)
+    if cfg.train.channels_last and ctx.device.type == "cuda":
+        # Module.to takes memory_format at run time; torch's type stubs leave it out.
+        network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return network
+
+
+def _resume(
+    ctx: WorkerContext, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> TrainingState:
+    """Load Ray Train's latest checkpoint, if any, into `model` and `optimizer`; its position."""
+    import ray.train
+
+    resumed = ray.train.get_checkpoint()
+    if resumed is None:
+        return TrainingState()
+    with resumed.as_directory() as directory:
+        state, _ = load_checkpoint(directory, model=model, optimizer=optimizer)
+    if ctx.console:
+        ctx.console.info("%s resuming at step %d", CONSOLE_MARKER, state.step)
+    return state
+
+
+def _evaluate(
+    ctx: WorkerContext,
+    model: nn.Module,
+    eval_loader: DataLoader,
+    info: DatasetInfo,
+    step: int,
+    *,
+    final: bool,
+) -> dict[str, float]:
+    """Validation metrics at `step` (every rank evaluates its shard; rank 0 shows and logs)."""
+    evaluation = evaluate(
+        unwrap(model),
+        eval_loader,
+        cfg=ctx.cfg,
+        info=info,
+        device=ctx.device,
+        num_visualizations=ctx.cfg.eval.num_visualizations if ctx.rank == 0 else 0,
+    )
+    metrics = evaluation.metrics(info)
+    log_evaluation(evaluation, step, info, ctx.console, ctx.logger, final=final)
+    return metrics
 
 
 def _inject_crash(run_dir: str) -> None:
@@ -350,20 +471,28 @@ def _inject_crash(run_dir: str) -> None:
     os._exit(1)
 
 
-def _report(metrics, state, model, optimizer, rank, options, logger, *, final) -> None:
+def _report(
+    ctx: WorkerContext,
+    metrics: dict[str, float],
+    state: TrainingState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    final: bool,
+) -> None:
     """`ray.train.report` with a checkpoint (a barrier: every rank calls it; rank 0 saves)."""
     import ray.train
 
     directory = tempfile.mkdtemp(prefix="maxdeeplab-ckpt-")
     try:
         checkpoint = None
-        if rank == 0:
+        if ctx.rank == 0:
             save_checkpoint(
                 directory,
                 model=model,
                 optimizer=optimizer,
                 state=state,
-                extra={"mlflow_run_id": options.mlflow_run_id},
+                extra={"mlflow_run_id": ctx.mlflow_run_id},
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(
@@ -371,24 +500,25 @@ def _report(metrics, state, model, optimizer, rank, options, logger, *, final) -
             checkpoint=checkpoint,
             checkpoint_dir_name=f"checkpoint_{state.step:09d}",
         )
-        if final and logger is not None:
-            logger.log_artifact(Path(directory) / MODEL_FILE, "checkpoint")
+        if final and ctx.logger is not None:
+            ctx.logger.log_artifact(Path(directory) / MODEL_FILE, "checkpoint")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _stop_diverged(options, state, rank, console, logger) -> None:
+def _stop_diverged(ctx: WorkerContext, state: TrainingState) -> None:
+    """Say why the run stops (console, MLflow, the status file the launcher reads)."""
     message = (
         f"the loss was NaN/inf for {state.bad_steps_in_a_row} steps in a row (last at step "
-        f"{state.step - 1}; train.max_bad_steps={options.experiment.train.max_bad_steps}); "
+        f"{state.step - 1}; train.max_bad_steps={ctx.cfg.train.max_bad_steps}); "
         "stopped, the last good checkpoint is kept"
     )
-    if console:
-        console.error("%s %s", CONSOLE_MARKER, message)
-    if logger is not None:
-        logger.log_metrics({tracking.TRAIN_BAD_STEPS: state.bad_steps_total}, step=state.step)
+    if ctx.console:
+        ctx.console.error("%s %s", CONSOLE_MARKER, message)
+    if ctx.logger is not None:
+        ctx.logger.log_metrics({tracking.TRAIN_BAD_STEPS: state.bad_steps_total}, step=state.step)
     _write_status(
-        options.run_dir, rank, {"status": "diverged", "step": state.step, "message": message}
+        ctx.run_dir, ctx.rank, {"status": "diverged", "step": state.step, "message": message}
     )
 
 

@@ -1,4 +1,6 @@
-"""Adam, linear warmup then poly decay, backbone at 0.1x (spec §5.1; deeplab2 trainer_utils.py).
+"""Adam, linear warmup then poly decay, backbone at 0.1x (deeplab2 trainer_utils.py).
+
+Described in docs/deeplab2.md#solver and #backbone-learning-rate.
 
 deeplab2 trains with tf.keras Adam (eps 1e-7, no weight decay). Its learning rate is a pure function
 of the global step: linear warmup from exactly 0 (`base * step / warmup`) for `step < warmup`, then

@@ -9,20 +9,34 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from maxdeeplab.models.losses.criterion import LOSS_KEYS
 from maxdeeplab.platform import tracking
+from maxdeeplab.platform.data.coco import DatasetInfo
 from maxdeeplab.platform.eval.report import format_per_class, format_table
 from maxdeeplab.platform.training.checkpoint import TrainingState
+
+if TYPE_CHECKING:  # for annotations only: loop.py imports this module
+    from maxdeeplab.platform.training.loop import StepResult
+    from maxdeeplab.platform.training.validation import EvalResult
 
 CONSOLE_MARKER = "[maxdeeplab]"  # the launcher shows only worker lines carrying it (Ray noise)
 
 
-def log_evaluation(evaluation, step, info, console, logger, *, final) -> None:
+def log_evaluation(
+    evaluation: EvalResult,
+    step: int,
+    info: DatasetInfo,
+    console: logging.Logger | None,
+    logger: tracking.RunLogger | None,
+    *,
+    final: bool,
+) -> None:
+    """Rank 0: the PQ line (and, at the end, the tables) on the console and into MLflow."""
     if console is None:
         return
     m = evaluation.metrics(info)
@@ -55,8 +69,8 @@ class Meter:
         self.lr = 0.0
         self.excluded = 0.0  # seconds spent in evaluation/checkpoints since the last flush
 
-    def add(self, result: Any) -> None:
-        """`result`: a `train.StepResult` (losses, applied, lr)."""
+    def add(self, result: StepResult) -> None:
+        """Count a step's losses (if it was applied) and its learning rate."""
         if result.applied:
             for key, value in result.losses.items():
                 self.sums[key] = self.sums.get(key, 0.0) + value
@@ -67,7 +81,10 @@ class Meter:
         """Leave time spent outside training steps (evaluation, checkpoints) out of the rate."""
         self.excluded += seconds
 
-    def flush(self, state: TrainingState, batch_size: int, total: int, console) -> dict[str, float]:
+    def flush(
+        self, state: TrainingState, batch_size: int, total: int, console: logging.Logger | None
+    ) -> dict[str, float]:
+        """The interval's metrics, averaged over ranks (every rank calls it); rank 0 prints them."""
         now = time.perf_counter()
         keys = list(LOSS_KEYS)
         values = torch.stack([torch.as_tensor(self.sums.get(k, 0.0)).float().cpu() for k in keys])

@@ -3,8 +3,8 @@
 Each worker evaluates its shard of the val set (`ShardSampler`: no padding duplicates),
 post-processes with deeplab2's pixelwise rule (`models.postprocess`), maps contiguous ids back to
 dataset category ids, and accumulates two PQs: the official one (panopticapi semantics) and
-deeplab2's pipeline PQ (crowd of any class counted as void, spec §6.3). The per-category sums are
-all-reduced, so every rank ends with the PQ of the whole val set.
+deeplab2's pipeline PQ (crowd of any class counted as void, docs/deeplab2.md#pipeline-pq). The
+per-category sums are all-reduced, so every rank ends with the PQ of the whole val set.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def evaluate(
         num_visualizations: colourised predictions to return (from this rank's first images).
 
     Returns:
-        Official PQ (panopticapi semantics), pipeline PQ (crowd as void, spec §6.3), and images.
+        Official PQ (panopticapi semantics), pipeline PQ (crowd as void), and images.
     """
     was_training = model.training
     model.eval()

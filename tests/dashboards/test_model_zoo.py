@@ -1,4 +1,7 @@
-"""The model-zoo configs reproduce deeplab2's settings (spec §5.4) and the published rows."""
+"""The model-zoo configs reproduce deeplab2's settings and the published rows.
+
+See docs/deeplab2.md#model-zoo-configs.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ def test_one_config_per_published_row():
 
 
 def test_published_numbers_are_the_reference_table():
-    # deeplab2's g3doc numbers (spec §5.4), spot-checked against the CSV the table reads.
+    # deeplab2's g3doc numbers (docs/deeplab2.md#model-zoo-configs), spot-checked against the CSV
+    # the table reads.
     by_name = {row.name: row for row in ROWS}
     s641 = by_name["max_deeplab_s_os16_res641_100k"]
     assert (s641.pq, s641.pq_thing, s641.pq_stuff, s641.pq_pipeline) == (45.9, 49.2, 40.9, 46.36)

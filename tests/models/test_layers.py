@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from maxdeeplab.models.backbone.axial_attention import (
+    MAX_SPAN,
     AxialAttention1D,
     AxialAttention2D,
     RelativePositionalEncoding,
@@ -26,6 +27,10 @@ from maxdeeplab.models.layers import (
     truncated_normal_,
 )
 from maxdeeplab.models.transformer import DualPathDropMasks, DualPathTransformerLayer
+
+RPE_LENGTH = 2 * MAX_SPAN - 1  # deeplab2's table, 509 relative offsets
+# MaX-DeepLab's axial-attention settings, for the blocks built here without a ModelConfig.
+AXIAL = {"key_expansion": 1.0, "value_expansion": 2.0, "num_heads": 8, "rpe_length": RPE_LENGTH}
 
 
 @pytest.fixture(autouse=True)
@@ -81,11 +86,6 @@ def test_drop_path_keep_prob_schedules(schedule: str, stage: int, expected: floa
     assert drop_path_keep_prob(0.8, schedule, stage) == pytest.approx(expected)
 
 
-def test_drop_path_keep_prob_rejects_unknown_schedule() -> None:
-    with pytest.raises(ValueError, match="cosine"):
-        drop_path_keep_prob(0.8, "cosine", 3)
-
-
 def test_drop_path_mask_is_per_sample_and_unbiased() -> None:
     mask = drop_path_mask(torch.zeros(40_000, 3, 5, 5), 0.8)
     assert mask.shape == (40_000, 1, 1, 1)
@@ -97,7 +97,7 @@ def test_drop_path_mask_is_per_sample_and_unbiased() -> None:
 
 
 def test_relative_positional_encoding_indexes_key_minus_query() -> None:
-    rpe = RelativePositionalEncoding(4)
+    rpe = RelativePositionalEncoding(4, table_length=RPE_LENGTH)
     table = rpe(7)
     assert table.shape == (7, 7, 4)
     for i, j in [(0, 0), (0, 6), (6, 0), (3, 5)]:
@@ -129,14 +129,17 @@ def _reference_axial_height(layer: AxialAttention1D, x: torch.Tensor) -> torch.T
 
 
 def test_axial_attention_matches_a_loop_reference() -> None:
-    layer = _identity_batch_norm(AxialAttention1D(6, key_depth=8, value_depth=12, num_heads=2))
+    layer = _identity_batch_norm(
+        AxialAttention1D(6, key_depth=8, value_depth=12, num_heads=2, rpe_length=RPE_LENGTH)
+    )
     x = torch.randn(2, 6, 5, 3)
     with torch.no_grad():
         assert torch.allclose(layer(x), _reference_axial_height(layer, x), atol=1e-4)
 
 
 def test_axial_height_layer_only_mixes_along_height() -> None:
-    layer = AxialAttention1D(8, key_depth=8, value_depth=16, num_heads=8).eval()
+    layer = AxialAttention1D(8, key_depth=8, value_depth=16, num_heads=8, rpe_length=RPE_LENGTH)
+    layer.eval()
     x = torch.randn(1, 8, 9, 9)
     changed = x.clone()
     changed[:, :, 4, 2] += 1.0
@@ -148,13 +151,13 @@ def test_axial_height_layer_only_mixes_along_height() -> None:
 
 @pytest.mark.parametrize(("stride", "size", "out_size"), [(1, 9, 9), (2, 9, 5)])
 def test_axial_attention_2d_shape_contract(stride: int, size: int, out_size: int) -> None:
-    layer = AxialAttention2D(16, 8, stride=stride, key_expansion=1.0, value_expansion=2.0)
+    layer = AxialAttention2D(16, 8, stride=stride, **AXIAL)
     out = layer(torch.randn(2, 16, size, size + 2 * stride))
     assert out.shape == (2, 16, out_size, (size + 2 * stride - 1) // stride + 1)
 
 
 def test_axial_attention_rejects_axes_beyond_global_range() -> None:
-    layer = AxialAttention1D(8, key_depth=8, value_depth=8, num_heads=8)
+    layer = AxialAttention1D(8, key_depth=8, value_depth=8, num_heads=8, rpe_length=RPE_LENGTH)
     with pytest.raises(ValueError, match="129"):
         layer(torch.randn(1, 8, 130, 1))
 
@@ -209,7 +212,7 @@ def test_dual_path_drop_masks_are_applied_per_update() -> None:
 def test_residual_block_is_its_shortcut_at_init(
     filters: list[int], attention: bool, stride: int
 ) -> None:
-    block = ResidualBlock(8, filters, stride=stride, attention=attention).eval()
+    block = ResidualBlock(8, filters, stride=stride, attention=attention, **AXIAL).eval()
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
         out = block(x)
@@ -230,11 +233,11 @@ def test_resized_fuse_strides_projects_and_resizes() -> None:
 
 
 def test_checkpointed_call_matches_plain_call_and_updates_bn_once() -> None:
-    plain = ResidualBlock(8, [16, 8, 32], attention=True)
+    plain = ResidualBlock(8, [16, 8, 32], attention=True, **AXIAL)
     for module in plain.modules():
         if isinstance(module, nn.BatchNorm2d):
             nn.init.uniform_(module.weight, 0.5, 1.5)
-    ckpt = ResidualBlock(8, [16, 8, 32], attention=True)
+    ckpt = ResidualBlock(8, [16, 8, 32], attention=True, **AXIAL)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 8, 7, 7)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

@@ -1,4 +1,7 @@
-"""MaX-DeepLab losses (spec §4): each term by hand, invariances, gradients, edge cases."""
+"""MaX-DeepLab losses: each term by hand, invariances, gradients, edge cases.
+
+See docs/deeplab2.md#losses.
+"""
 
 from __future__ import annotations
 

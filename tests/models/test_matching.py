@@ -1,4 +1,7 @@
-"""Hungarian matching and the PQ-style similarity (spec §4.2), on hand-computed cases."""
+"""Hungarian matching and the PQ-style similarity, on hand-computed cases.
+
+See docs/deeplab2.md#matching.
+"""
 
 from __future__ import annotations
 

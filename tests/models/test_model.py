@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from maxdeeplab.models.complexity import count_macs, count_parameters
-from maxdeeplab.models.config import ModelConfig, variant_overrides
+from maxdeeplab.models.config import ModelConfig, model_config_problem, variant_overrides
 from maxdeeplab.models.layers import ConvBN
 from maxdeeplab.models.network import (
     MaXDeepLab,
@@ -49,7 +49,8 @@ def test_max_deeplab_s_parameter_counts_match_deeplab2() -> None:
     assert counts.without_aux == 61_900_200  # deeplab_test.py; 61.9M in the paper
     assert counts.encoder == 61_726_624  # axial_resnet_instances_test.py
     assert counts.backbone == 41_343_424  # max_deeplab_s_backbone; runner_utils_test.py
-    assert counts.total == 77_756_942  # spec §8.3: 77.76M with the auxiliary branch
+    # 77.76M with the auxiliary branch (docs/deeplab2.md#parameter-and-mac-counts)
+    assert counts.total == 77_756_942
 
 
 def test_max_deeplab_s_without_aux_branch_has_no_aux_parameters() -> None:
@@ -66,7 +67,8 @@ def test_max_deeplab_l_encoder_counts_match_deeplab2() -> None:
 
 def test_macs_at_641_match_the_analytic_estimate() -> None:
     macs = count_macs(_meta_model("max_deeplab_s"), 641)
-    assert macs["without_aux"] / 1e9 == pytest.approx(128, rel=0.02)  # spec §8.3
+    # docs/deeplab2.md#parameter-and-mac-counts
+    assert macs["without_aux"] / 1e9 == pytest.approx(128, rel=0.02)
     assert macs["total"] / 1e9 == pytest.approx(160, rel=0.02)
 
 
@@ -97,6 +99,21 @@ def test_drop_path_keep_probs_follow_the_spec_table(
 def test_unknown_drop_path_schedule_is_rejected() -> None:
     with pytest.raises(ValueError, match="drop_path_schedule"):
         build_model(_config("max_deeplab_tiny", drop_path_schedule="cosine"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("drop_path_schedule", "cosine"),
+        ("drop_path_keep_prob", 0.0),
+        ("drop_path_keep_prob", 1.5),
+        ("backbone_type", "resnet"),
+    ],
+)
+def test_model_config_rules_live_in_one_place(field: str, value: object) -> None:
+    problem = model_config_problem(ModelConfig(**{field: value}))  # type: ignore[arg-type]
+    assert problem is not None and problem[:2] == (field, value)
+    assert model_config_problem(ModelConfig()) is None
 
 
 # ---- shapes -------------------------------------------------------------------------------------
@@ -190,7 +207,7 @@ def test_batch_norm_settings_zero_gammas_and_init() -> None:
         assert torch.count_nonzero(named[name].weight) == 0, name
     assert named["encoder.stage5.block1.conv1_bn_act.bn"].weight.eq(1).all()
     assert model.mask_class_head.mask_logit_bn.weight.item() == pytest.approx(0.1)
-    # Convs followed by BN have no bias (spec §1.8).
+    # Convs followed by BN have no bias (docs/deeplab2.md#normalisation-and-initialisation).
     assert all(m.conv.bias is None for m in model.modules() if isinstance(m, ConvBN))
     # Truncated normals with std 1.0 (Keras: no correction, so the sample std is 0.88).
     assert model.encoder.memory_feature.std().item() == pytest.approx(0.88, abs=0.05)

@@ -1,4 +1,4 @@
-"""Panoptic post-processing (spec §6) on hand-built logits."""
+"""Panoptic post-processing (docs/deeplab2.md#post-processing) on hand-built logits."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Stride-4 loss targets (spec §4.1): subsampling, mask columns, validity, the >max_thing_id
-guard."""
+"""Stride-4 loss targets: subsampling, mask columns, validity, the >max_thing_id guard.
+
+See docs/deeplab2.md#ground-truth-at-stride-4.
+"""
 
 from __future__ import annotations
 

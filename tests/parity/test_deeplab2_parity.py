@@ -1,4 +1,4 @@
-"""Output and loss parity with google-research/deeplab2 itself (issue 12).
+"""Output and loss parity with google-research/deeplab2 itself.
 
 deeplab2 builds MaX-DeepLab-S with seeded random weights in its own TensorFlow environment
 (`scripts/deeplab2_reference.py`, run in a subprocess), saves checkpoints in both layouts, its
@@ -26,7 +26,7 @@ from maxdeeplab.models.structures import MaXDeepLabOutput, PanopticTargets
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = os.environ.get("DEEPLAB2_ENV", "")
-TOLERANCE = 1e-4  # absolute, on every output (issue 12)
+TOLERANCE = 1e-4  # absolute, on every output
 CROP = 641
 
 pytestmark = pytest.mark.skipif(

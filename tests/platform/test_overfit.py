@@ -1,4 +1,4 @@
-"""End-to-end training signal: the tiny model overfits 2 synthetic images to PQ >= 90 (issue 6).
+"""End-to-end training signal: the tiny model overfits 2 synthetic images to PQ >= 90.
 
 Model (`build_model`, variant `max_deeplab_tiny`) -> stride-4 targets -> Hungarian matching -> all
 MaX-DeepLab losses -> Adam, on two images of the synthetic COCO-format dataset, then pixelwise
@@ -96,7 +96,8 @@ def test_tiny_model_overfits_two_synthetic_images(tmp_path) -> None:
     model = build_model(model_cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, eps=1e-7)
     loss_cfg = LossConfig()
-    # Area limits scale with the pixel count (spec §5.4: 100 / 1600 at 641): 1 / 16 at 65.
+    # Area limits scale with the pixel count (100 / 1600 at 641): 1 / 16 at 65
+    # (docs/deeplab2.md#model-zoo-configs).
     post_cfg = replace(PostprocessConfig(), thing_area_limit=1, stuff_area_limit=16)
 
     def pq() -> float:

@@ -112,7 +112,8 @@ def test_accumulator_equals_panopticapi(pair_set):
 
 
 def test_crowd_as_void_equals_panopticapi_on_crowd_turned_void(pair_set, tmp_path):
-    # deeplab2's pipeline PQ = the official PQ on GT whose crowd pixels were made void (spec §6.3).
+    # deeplab2's pipeline PQ = the official PQ on GT whose crowd pixels were made void
+    # (docs/deeplab2.md#pipeline-pq).
     gt = _load(pair_set.gt_json)
     void_dir = tmp_path / "gt_void"
     void_dir.mkdir()

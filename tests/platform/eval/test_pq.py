@@ -1,4 +1,7 @@
-"""PQ arithmetic on hand-computed cases (panopticapi semantics, spec §7.1), merging by addition."""
+"""PQ arithmetic on hand-computed cases (panopticapi semantics), merging by addition.
+
+The definition: docs/deeplab2.md#panoptic-quality.
+"""
 
 from __future__ import annotations
 

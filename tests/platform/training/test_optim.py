@@ -1,4 +1,4 @@
-"""Learning-rate schedule (spec §5.1) and the backbone's 0.1x group."""
+"""Learning-rate schedule (docs/deeplab2.md#solver) and the backbone's 0.1x group."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def test_warmup_is_linear_from_exactly_zero() -> None:
     ("total", "expected_ratio"), [(100_000, 0.955), (200_000, 0.977), (400_000, 0.989)]
 )
 def test_poly_uses_the_unshifted_step(total: int, expected_ratio: float) -> None:
-    # spec §5.1: at the end of the warmup the rate is base * (1 - 5000 / T) ** 0.9, not base.
+    # At the end of the warmup the rate is base * (1 - 5000 / T) ** 0.9, not base
+    # (docs/deeplab2.md#solver).
     lr = learning_rate(5000, base_lr=1.0, total_steps=total, warmup_steps=5000, power=0.9)
     assert lr == pytest.approx(expected_ratio, abs=5e-4)
     assert lr == pytest.approx((1 - 5000 / total) ** 0.9)
@@ -59,7 +60,8 @@ def test_backbone_group_gets_a_tenth_of_the_rate() -> None:
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
         1 for p in model.parameters() if p.requires_grad
     )
-    # the encoder's transformer / memory parameters are not backbone (spec §5.1 naming rule)
+    # the encoder's transformer / memory parameters are not backbone
+    # (docs/deeplab2.md#backbone-learning-rate)
     names = {id(p): n for n, p in model.named_parameters()}
     assert not any("transformer" in names[id(p)] for p in backbone)
     assert any(names[id(p)].startswith("encoder.") for p in others)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from maxdeeplab.platform.training.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from maxdeeplab.platform.training.loop import micro_batching, seed_step, train_step
+from maxdeeplab.platform.training.loop import micro_batching, step_once, train_step
 from maxdeeplab.platform.training.optim import build_optimizer
 from maxdeeplab.platform.training.validation import evaluate
 
@@ -66,13 +67,15 @@ def test_train_step_decreases_the_loss_on_a_fixed_batch(setup) -> None:
     batch = next(iter(build_loader(train_set, batch_size=2)))
     model, optimizer = fresh(cfg)
     totals = []
+    batches = itertools.repeat(batch)
     for step in range(12):
-        seed_step(cfg.seed, step, 0)
-        result = train_step(
+        result = step_once(
             model,
             optimizer,
-            [batch],
+            batches,
             step=step,
+            passes=1,
+            rank=0,
             cfg=cfg,
             num_thing_classes=info.num_thing_classes,
             device=CPU,
@@ -175,13 +178,13 @@ def test_resuming_from_a_checkpoint_replays_the_same_steps(setup, tmp_path: Path
     def run(model, optimizer, start: int, stop: int) -> None:
         batches = iterate_from(build_loader(train_set, batch_size=2), start)
         for step in range(start, stop):
-            batch = next(batches)
-            seed_step(cfg.seed, step, 0)
-            train_step(
+            step_once(
                 model,
                 optimizer,
-                [batch],
+                batches,
                 step=step,
+                passes=1,
+                rank=0,
                 cfg=cfg,
                 num_thing_classes=info.num_thing_classes,
                 device=CPU,
