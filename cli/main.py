@@ -13,6 +13,7 @@ import logging
 import sys
 
 from maxdeeplab.platform.errors import MaXDeepLabError
+from maxdeeplab.platform.ray_auth import use_token_if_found
 
 # verb -> (module, one-line help). Order is the order `--help` shows.
 VERBS: dict[str, tuple[str, str]] = {
@@ -22,6 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "model": ("model", "model information (parameter counts, GMACs)"),
     "train": ("train", "train an experiment with Ray Train"),
     "sweep": ("sweep", "run a Ray Tune sweep from a sweep YAML"),
+    "submit": ("submit", "run an experiment or a sweep as a job on a Ray cluster"),
+    "jobs": ("jobs", "list a Ray cluster's jobs; follow or stop one"),
     "evaluate": ("evaluate", "PQ of COCO-panoptic prediction files against ground truth"),
     "evaluate-model": (
         "evaluate_model",
@@ -51,11 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports Ray: a token found means Ray's token mode for this process and
+    # every Ray process it starts (Ray reads the mode once, at start-up).
+    use_token_if_found()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    # Overrides may come after flags too (`train EXP --name X lr=...`): argparse stops a
+    # positional list at the first flag, so the rest of it arrives as "unknown" arguments.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        listed = next((name for name in ("items", "overrides") if hasattr(args, name)), None)
+        if listed is None or any(item.startswith("-") for item in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        setattr(args, listed, [*getattr(args, listed), *rest])
+    # Our own messages at INFO; libraries (boto3, MLflow, Ray) only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("maxdeeplab").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return int(args.run(args) or 0)
     except MaXDeepLabError as exc:

@@ -35,6 +35,7 @@ from maxdeeplab.models.config import (
 )
 from maxdeeplab.models.strides import OUTPUT_STRIDE, is_valid_crop_size
 from maxdeeplab.platform.errors import ConfigError
+from maxdeeplab.platform.storage import Location, StorageError
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -52,7 +53,7 @@ class DataConfig:
     scale_step: float = 0.1
     num_workers: int = 2  # loader processes per training worker
     skip_corrupt: bool = False  # skip (and count) unreadable files instead of failing
-    # The built-in synthetic set, generated on first use under <work_dir>/data.
+    # The built-in synthetic set, generated on first use under <cache_dir>/data.
     synthetic_train: int = 200
     synthetic_val: int = 50
     synthetic_size: list[int] = field(default_factory=lambda: [321, 321])  # H, W
@@ -126,7 +127,13 @@ class ResourcesConfig:
 class ExperimentConfig:
     name: str = "maxdeeplab"
     seed: int = 0
-    work_dir: str = "runs"  # runs, checkpoints, the MLflow store and generated data live here
+    # Where every run's state lives (checkpoints, resolved config, MLflow run id, sweep state,
+    # plots): a local path, file://, s3://bucket/prefix or gs://bucket/prefix. A local work dir
+    # also holds the default MLflow store; object storage needs tracking.uri (a server).
+    work_dir: str = "runs"
+    # Local caches (the generated synthetic set); empty: the work dir when it is local, else
+    # ~/.cache/maxdeeplab. Each node fills its own.
+    cache_dir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
@@ -325,6 +332,10 @@ def first_invalid_value(cfg: ExperimentConfig) -> tuple[str, Any, str] | None:
             crop,
             f"must be of the form {OUTPUT_STRIDE}k+1 (e.g. 65, 129, 321, 641, 1025)",
         )
+    try:
+        Location.parse(cfg.work_dir)
+    except StorageError as exc:
+        return "work_dir", cfg.work_dir, str(exc).split(": ", 1)[-1]
     model_problem = model_config_problem(cfg.model)
     if model_problem is not None:
         key, value, why = model_problem
@@ -372,6 +383,39 @@ def to_params(cfg: ExperimentConfig) -> dict[str, str]:
     }
 
 
-def work_dir(cfg: ExperimentConfig) -> Path:
-    """The absolute work directory (relative paths are taken from the current directory)."""
-    return Path(os.path.expanduser(cfg.work_dir)).resolve()
+def work_dir(cfg: ExperimentConfig) -> Location:
+    """The work dir as a storage location (relative paths are taken from the current directory).
+
+    Raises:
+        StorageError: a scheme we cannot store to.
+    """
+    return Location.parse(cfg.work_dir)
+
+
+def cache_dir(cfg: ExperimentConfig) -> Path:
+    """The local cache folder: `cache_dir`, else a local work dir, else ~/.cache/maxdeeplab."""
+    if cfg.cache_dir:
+        return Path(os.path.expanduser(cfg.cache_dir)).resolve()
+    root = work_dir(cfg)
+    return root.local_path() if root.is_local else Path.home() / ".cache" / "maxdeeplab"
+
+
+def load_saved_experiment(
+    location: Location, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """A run's resolved `config.yaml` read from storage, with `key=value` overrides on top.
+
+    Raises:
+        ConfigError: the file cannot be parsed or a key/value is invalid (named with its URI).
+        StorageError: the storage cannot be read.
+    """
+    try:
+        saved = OmegaConf.create(location.read_text())
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{location}: {exc}") from None
+    if not isinstance(saved, DictConfig):
+        raise ConfigError(f"{location}: expected a mapping of config sections")
+    layers: list[tuple[str, DictConfig]] = [(str(location), saved)]
+    if overrides:
+        layers.append(("command line", parse_dotlist(overrides)))
+    return resolve(layers)

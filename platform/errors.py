@@ -17,3 +17,7 @@ class DataError(MaXDeepLabError):
 
 class EvaluationError(MaXDeepLabError):
     """Ground truth and predictions cannot be evaluated together (names the image and segment)."""
+
+
+class ClusterError(MaXDeepLabError):
+    """A Ray cluster's job server cannot be reached or refuses a request (names its address)."""

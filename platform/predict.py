@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from maxdeeplab.models.network import build_model
 from maxdeeplab.models.postprocess import panoptic_inference
-from maxdeeplab.platform.config import ExperimentConfig, load_experiment
+from maxdeeplab.platform.config import ExperimentConfig, cache_dir, load_experiment
 from maxdeeplab.platform.data.coco import CocoPanoptic, DatasetInfo
 from maxdeeplab.platform.data.loader import resolve_data_root
 from maxdeeplab.platform.data.panoptic_format import read_image, write_panoptic_png
@@ -95,7 +95,7 @@ def load_predictor(
     if not checkpoint.exists():
         raise ConfigError(f"{checkpoint}: checkpoint not found")
     cfg = load_experiment(config or run_config_path(checkpoint))
-    info = CocoPanoptic(resolve_data_root(cfg.data, cfg.work_dir), cfg.data.train_split).info
+    info = CocoPanoptic(resolve_data_root(cfg.data, cache_dir(cfg)), cfg.data.train_split).info
     model = build_model(cfg.model)
     weights = load_model_weights(checkpoint)
     try:

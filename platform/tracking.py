@@ -70,7 +70,13 @@ def tracking_uri(cfg: ExperimentConfig) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{work_dir(cfg) / 'mlflow.db'}"  # an absolute path gives four slashes
+    root = work_dir(cfg)
+    if not root.is_local:
+        raise TrackingError(
+            f"work_dir {root} is object storage, where MLflow cannot keep its database: set "
+            "tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server, http://HOST:PORT"
+        )
+    return f"sqlite:///{root.local_path() / 'mlflow.db'}"  # an absolute path gives four slashes
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -98,7 +104,7 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
 
 def artifact_root(cfg: ExperimentConfig) -> str:
     """Where a new experiment keeps artifacts when the store is the default local one."""
-    return (work_dir(cfg) / "mlartifacts").as_uri()
+    return (work_dir(cfg).local_path() / "mlartifacts").as_uri()
 
 
 def _client(uri: str) -> Any:
@@ -116,7 +122,7 @@ def experiment_id(cfg: ExperimentConfig, uri: str | None = None) -> str:
         return str(found.experiment_id)
     location = artifact_root(cfg) if uri.startswith("sqlite:") else None
     if uri.startswith("sqlite:"):
-        work_dir(cfg).mkdir(parents=True, exist_ok=True)
+        work_dir(cfg).mkdir()
     return str(client.create_experiment(cfg.tracking.experiment, artifact_location=location))
 
 

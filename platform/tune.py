@@ -34,6 +34,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from maxdeeplab.platform import tracking
 from maxdeeplab.platform.config import ExperimentConfig, work_dir
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
+from maxdeeplab.platform.preflight import check_run_prerequisites
+from maxdeeplab.platform.storage import Location
 from maxdeeplab.platform.sweep_config import Sweep, expand_bundles, load_sweep
 from maxdeeplab.platform.training.launch import prepare_experiment, run_directory, start_ray, train
 from maxdeeplab.platform.training.placement_groups import remove_placement_groups
@@ -62,7 +64,7 @@ class TrialSummary:
 class SweepResult:
     sweep: Sweep
     config: ExperimentConfig  # the base experiment, tracked under the sweep's name
-    directory: Path
+    directory: Location
     parent_run_id: str
     trials: list[TrialSummary]
     table: str
@@ -72,7 +74,7 @@ class SweepResult:
         return max(self.trials, key=lambda t: t.metrics.get(tracking.VAL_PQ, -1.0))
 
 
-def sweep_dir(sweep: Sweep) -> Path:
+def sweep_dir(sweep: Sweep) -> Location:
     return work_dir(sweep.trial_config({})) / "sweeps" / sweep.name
 
 
@@ -124,6 +126,7 @@ def run_sweep(path: str | Path, *, resume: bool = False, address: str = "") -> S
     sweep = load_sweep(path)  # validated completely before Ray starts
     directory = sweep_dir(sweep)
     cfg = base_config(sweep)
+    check_run_prerequisites(cfg, address)
     if resume and not tune.Tuner.can_restore(str(directory)):
         raise ConfigError(f"{sweep.path}: nothing to resume: no sweep state in {directory}")
     for point in sweep.grid_points():  # data checked (and the synthetic set made) before any trial
@@ -154,8 +157,7 @@ def run_sweep(path: str | Path, *, resume: bool = False, address: str = "") -> S
     return SweepResult(sweep, cfg, directory, parent_id, summaries, table)
 
 
-def _parent_run(sweep: Sweep, cfg: ExperimentConfig, directory: Path) -> str:
-    directory.mkdir(parents=True, exist_ok=True)
+def _parent_run(sweep: Sweep, cfg: ExperimentConfig, directory: Location) -> str:
     marker = directory / PARENT_RUN_FILE
     if marker.exists():
         run_id = marker.read_text().strip()
@@ -166,7 +168,7 @@ def _parent_run(sweep: Sweep, cfg: ExperimentConfig, directory: Path) -> str:
     return run_id
 
 
-def _tuner(sweep: Sweep, cfg: ExperimentConfig, directory: Path, parent_id: str) -> Any:
+def _tuner(sweep: Sweep, cfg: ExperimentConfig, directory: Location, parent_id: str) -> Any:
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -229,6 +231,7 @@ def run_trial(point: dict[str, Any], *, sweep_path: str, work_root: str, parent_
         resume=None,
         parent_run_id=parent_id,
         callbacks=[EvalReportCallback()],
+        preflight=False,  # the sweep's driver checked
     )
 
 

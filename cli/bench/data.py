@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 synthetic_val=args.synthetic_val,
             ),
             LossConfig(),
-            work_dir=Path(args.work_dir),
+            cache_dir=Path(args.work_dir),
             seed=0,
         )
         row: dict[str, Any] = time_loader(dataset, args.workers, args.batch, args.images)

@@ -56,13 +56,14 @@ def timed_steps(cfg: ExperimentConfig, *, steps: int, warmup: int, threads: int)
     import torch
 
     from maxdeeplab.models.network import build_model, parameter_groups
+    from maxdeeplab.platform.config import cache_dir
     from maxdeeplab.platform.data.loader import build_loader, build_train_dataset, iterate_from
     from maxdeeplab.platform.training.loop import step_once
     from maxdeeplab.platform.training.optim import build_optimizer
 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    train_set = build_train_dataset(cfg.data, cfg.loss, work_dir=cfg.work_dir, seed=cfg.seed)
+    train_set = build_train_dataset(cfg.data, cfg.loss, cache_dir=cache_dir(cfg), seed=cfg.seed)
     info = train_set.split.info
     cfg = replace(cfg, model=replace(cfg.model, num_classes=info.num_classes))
     torch.manual_seed(cfg.seed)

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "data": "loader images/s vs the model's consumption rate",
     "loss": "matching + losses as a share of a training step",
     "train": "Ray Train step rate vs a plain loop",
+    "checkpoint": "checkpoint save + upload: a bucket vs local disk, as a share of training time",
     "deeplab2": "MaX-DeepLab-S train step: ours vs deeplab2's own (needs DEEPLAB2_ENV)",
 }
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     port = args.port or free_port()
     default_root = artifact_root(cfg) if uri.startswith("sqlite:") else None
     # The UI logs every request: that goes to a file, not over our messages.
-    log_path = work_dir(cfg) / UI_LOG
+    log_path = work_dir(cfg).local_path() / UI_LOG  # a sqlite store: the work dir is local
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = start_ui(uri, port, artifact_root=default_root, log_path=log_path)
     # `kill PID` stops it as cleanly as Ctrl-C does (the UI is in its own process group).

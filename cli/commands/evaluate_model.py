@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from maxdeeplab.models.network import build_model
-    from maxdeeplab.platform.config import load_experiment
+    from maxdeeplab.platform.config import cache_dir, load_experiment
     from maxdeeplab.platform.data.loader import build_eval_dataset, build_loader
     from maxdeeplab.platform.errors import ConfigError
     from maxdeeplab.platform.eval.report import format_per_class, format_table, write_results
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{checkpoint}: weights do not fit {cfg.model.variant} ({first})"
         ) from None
-    dataset = build_eval_dataset(cfg.data, work_dir=cfg.work_dir)
+    dataset = build_eval_dataset(cfg.data, cache_dir=cache_dir(cfg))
     info = dataset.split.info
     images: Dataset = dataset
     if args.max_images:

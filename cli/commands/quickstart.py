@@ -26,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
     from importlib.resources import as_file, files
 
     from maxdeeplab.cli.commands.sweep import write_plots
@@ -45,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             print(f"sweep {path}: valid")
             return 0
-        if args.fresh and sweep_dir(sweep).exists():
-            shutil.rmtree(sweep_dir(sweep))
+        if args.fresh:
+            sweep_dir(sweep).remove_tree()
         result = run_sweep(path)
     write_plots(result)
     best = result.best

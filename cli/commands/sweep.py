@@ -32,10 +32,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_plots(result: SweepResult) -> None:
-    """The sweep's plots (PQ vs step per trial, PQ vs each varied key), on disk and in MLflow."""
+    """The sweep's plots (PQ vs step per trial, PQ vs each varied key), in the sweep's directory
+    (local or object storage) and in MLflow."""
+    import tempfile
+    from pathlib import Path
+
     from maxdeeplab.dashboards.plots import plot_sweep
     from maxdeeplab.platform import tracking
 
     out = result.directory / "plots"
-    paths = plot_sweep(result.parent_run_id, out, uri=tracking.tracking_uri(result.config))
+    with tempfile.TemporaryDirectory(prefix="maxdeeplab-plots-") as scratch:
+        local = out.local_path() if out.is_local else Path(scratch)
+        paths = plot_sweep(result.parent_run_id, local, uri=tracking.tracking_uri(result.config))
+        if not out.is_local:
+            for path in paths:
+                (out / path.name).write_bytes(path.read_bytes())
     print(f"plots: {len(paths)} PNGs in {out}")

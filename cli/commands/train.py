@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work-dir",
         default=None,
-        help="where to look for --resume RUN by name (default: the experiment's work_dir)",
+        help="where to look for --resume RUN by name: a path or s3://, gs:// URI "
+        "(default: the experiment's work_dir)",
     )
     parser.add_argument("--verbose", action="store_true", help="show Ray's own worker logs")
 
@@ -39,7 +40,7 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from maxdeeplab.platform import tracking
-    from maxdeeplab.platform.config import load_experiment
+    from maxdeeplab.platform.config import load_experiment, load_saved_experiment
     from maxdeeplab.platform.errors import ConfigError
     from maxdeeplab.platform.training.launch import CONFIG_FILE, find_run, train
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             hint = load_experiment(path, []).work_dir if path else "runs"
         run_dir = find_run(args.resume, hint)
         # The run's own resolved config; overrides apply on top.
-        cfg = load_experiment(run_dir / CONFIG_FILE, overrides)
+        cfg = load_saved_experiment(run_dir / CONFIG_FILE, overrides)
         run_name = run_dir.name
         cfg.work_dir = str(run_dir.parent.parent)  # <work_dir>/ray/<run>, wherever it now lives
     else:

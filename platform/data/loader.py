@@ -176,13 +176,17 @@ def iterate_from(loader: Any, start_step: int = 0) -> Iterator[Any]:
         epoch, skip = epoch + 1, 0
 
 
-def resolve_data_root(data_cfg: DataConfig, work_dir: str | Path) -> Path:
-    """`data.root`, or, when it is empty, the synthetic set generated once under work_dir/data."""
+def resolve_data_root(data_cfg: DataConfig, cache_dir: str | Path) -> Path:
+    """`data.root`, or, when it is empty, the synthetic set generated once under cache_dir/data.
+
+    Every node generates the synthetic set into its own cache on first use (the generator is
+    seeded, so all nodes hold the same images).
+    """
     if data_cfg.root:
         return require_root(data_cfg.root)
     height, width = data_cfg.synthetic_size
     return ensure_synthetic(
-        Path(work_dir) / "data",
+        Path(cache_dir) / "data",
         num_train=data_cfg.synthetic_train,
         num_val=data_cfg.synthetic_val,
         height=int(height),
@@ -192,10 +196,10 @@ def resolve_data_root(data_cfg: DataConfig, work_dir: str | Path) -> Path:
 
 
 def build_train_dataset(
-    data_cfg: DataConfig, loss_cfg: LossConfig, *, work_dir: str | Path, seed: int
+    data_cfg: DataConfig, loss_cfg: LossConfig, *, cache_dir: str | Path, seed: int
 ) -> PanopticTrainDataset:
-    """The training dataset of an experiment (cfg.data, cfg.loss, cfg.work_dir, cfg.seed)."""
-    split = CocoPanoptic(resolve_data_root(data_cfg, work_dir), data_cfg.train_split)
+    """The training dataset of an experiment (cfg.data, cfg.loss, cfg.cache_dir, cfg.seed)."""
+    split = CocoPanoptic(resolve_data_root(data_cfg, cache_dir), data_cfg.train_split)
     scales = scale_choices(data_cfg.min_scale, data_cfg.max_scale, data_cfg.scale_step)
     return PanopticTrainDataset(
         split,
@@ -208,9 +212,9 @@ def build_train_dataset(
     )
 
 
-def build_eval_dataset(data_cfg: DataConfig, *, work_dir: str | Path) -> PanopticEvalDataset:
+def build_eval_dataset(data_cfg: DataConfig, *, cache_dir: str | Path) -> PanopticEvalDataset:
     """The evaluation dataset of an experiment (`cfg.data.val_split`)."""
-    split = CocoPanoptic(resolve_data_root(data_cfg, work_dir), data_cfg.val_split)
+    split = CocoPanoptic(resolve_data_root(data_cfg, cache_dir), data_cfg.val_split)
     return PanopticEvalDataset(
         split, EvalTransform(data_cfg.crop_size), skip_corrupt=data_cfg.skip_corrupt
     )

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from maxdeeplab.platform import tracking
-from maxdeeplab.platform.config import ExperimentConfig, to_yaml, work_dir
+from maxdeeplab.platform.config import ExperimentConfig, cache_dir, to_yaml, work_dir
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
+from maxdeeplab.platform.storage import Location
 
 log = logging.getLogger(__name__)
 RAY_SUBDIR = "ray"  # <work_dir>/ray is Ray Train's storage_path
@@ -40,7 +41,7 @@ class TrainOutcome:
     """What a finished training run left behind."""
 
     run_name: str
-    run_dir: Path
+    run_dir: Location
     mlflow_run_id: str | None
     metrics: dict[str, Any]  # the last report that carried a checkpoint (Ray's Result.metrics)
     checkpoint_path: str | None
@@ -51,9 +52,10 @@ class TrainOutcome:
 
 
 def prepare_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config the workers get: absolute work_dir, the model's class counts from the dataset.
+    """The config the workers get: normalised work_dir and cache_dir, the data's class counts.
 
-    Generates the synthetic set here (once, in the driver) so that workers never race to write it.
+    Generates the synthetic set into the driver's cache here, before any worker starts (workers
+    on other nodes fill their own caches the same way).
 
     Raises:
         DataError: the dataset root is missing or unreadable.
@@ -63,8 +65,8 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     from maxdeeplab.platform.data.loader import resolve_data_root
     from maxdeeplab.platform.training.loop import micro_batching
 
-    absolute = str(work_dir(cfg))
-    root = resolve_data_root(cfg.data, absolute)
+    cache = cache_dir(cfg)
+    root = resolve_data_root(cfg.data, cache)
     info = CocoPanoptic(root, cfg.data.train_split).info
     micro_batching(cfg.train.batch_size, cfg.resources.num_workers, cfg.train.micro_batch_size)
     if cfg.eval.batch_size <= 0:
@@ -79,7 +81,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
         # absolute: Ray workers and Tune trials run in other directories
         init_checkpoint=str(Path(init).expanduser().resolve()) if init else "",
     )
-    return replace(cfg, work_dir=absolute, model=model)
+    return replace(cfg, work_dir=str(work_dir(cfg)), cache_dir=str(cache), model=model)
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
@@ -87,22 +89,28 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def run_directory(cfg: ExperimentConfig, run_name: str) -> Path:
+def run_directory(cfg: ExperimentConfig, run_name: str) -> Location:
     return work_dir(cfg) / RAY_SUBDIR / run_name
 
 
-def find_run(reference: str, work_dir_hint: str | Path = "runs") -> Path:
-    """A run directory from a path or from a run name under `<work_dir_hint>/ray/`.
+def find_run(reference: str, work_dir_hint: str = "runs") -> Location:
+    """A run directory from its path or URI, or from a run name under `<work_dir_hint>/ray/`.
 
     Raises:
-        ConfigError: no such run.
+        ConfigError: no such run (saying where it looked and that --work-dir is the way out).
+        StorageError: the storage cannot be read.
     """
-    for candidate in (Path(reference), Path(work_dir_hint) / RAY_SUBDIR / reference):
+    by_name = Location.parse(work_dir_hint) / RAY_SUBDIR / reference
+    candidates = [Location.parse(reference), by_name]
+    if "/" not in reference:  # a run name, most likely
+        candidates.reverse()
+    for candidate in candidates:
         if (candidate / CONFIG_FILE).is_file():
-            return candidate.resolve()
+            return candidate
     raise ConfigError(
-        f"--resume {reference}: no run directory with a {CONFIG_FILE} at {reference} or "
-        f"{Path(work_dir_hint) / RAY_SUBDIR / reference}"
+        f"--resume {reference}: no run with a {CONFIG_FILE} at "
+        f"{' or '.join(map(str, candidates))}; name the run's work dir with --work-dir "
+        "(e.g. --work-dir s3://bucket/prefix)"
     )
 
 
@@ -254,6 +262,7 @@ def train(
     callbacks: Sequence[Any] = (),
     local: bool = False,
     quiet: bool = True,
+    preflight: bool = True,
 ) -> TrainOutcome:
     """Train an experiment with Ray Train, tracked in MLflow.
 
@@ -270,15 +279,20 @@ def train(
         callbacks: Ray Train `UserCallback`s.
         local: run in this process (`build_trainer`); Ray is not started.
         quiet: show only progress lines from the workers.
+        preflight: check storage, tracking server and Ray address first (a sweep's trials skip
+            it: their driver checked).
 
     Raises:
         ConfigError: the run exists and `resume` is False, or does not and `resume` is True.
         TrainingFailed: the workers failed beyond `resources.max_failures` (one line, the cause).
         TrainingDiverged: the loss stayed non-finite for too long.
     """
+    from maxdeeplab.platform.preflight import check_run_prerequisites
     from maxdeeplab.platform.training.loop import TrainingDiverged, read_status
     from maxdeeplab.platform.training.placement_groups import remove_placement_groups
 
+    if preflight:
+        check_run_prerequisites(cfg, None if local else address)
     cfg = prepare_experiment(cfg)
     run_name = run_name or default_run_name(cfg)
     run_dir = run_directory(cfg, run_name)
@@ -292,7 +306,7 @@ def train(
         )
     if resume and not exists:
         raise ConfigError(f"--resume {run_name}: no run at {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
     mlflow_run_id = _mlflow_run(cfg, run_name, run_dir, resume, parent_run_id) if track else None
     if not local:
@@ -335,7 +349,11 @@ def train(
 
 
 def _mlflow_run(
-    cfg: ExperimentConfig, run_name: str, run_dir: Path, resume: bool, parent_run_id: str | None
+    cfg: ExperimentConfig,
+    run_name: str,
+    run_dir: Location,
+    resume: bool,
+    parent_run_id: str | None,
 ) -> str:
     """The MLflow run of this training run: created once, reopened on resume (never duplicated)."""
     id_file = run_dir / tracking.MLFLOW_RUN_ID_FILE

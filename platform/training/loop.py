@@ -43,7 +43,7 @@ from maxdeeplab.models.losses.criterion import LOSS_KEYS, compute_losses
 from maxdeeplab.models.network import MaXDeepLab, build_model, parameter_groups
 from maxdeeplab.models.structures import PanopticTargets
 from maxdeeplab.platform import tracking
-from maxdeeplab.platform.config import ExperimentConfig
+from maxdeeplab.platform.config import ExperimentConfig, cache_dir
 from maxdeeplab.platform.data.coco import DatasetInfo
 from maxdeeplab.platform.data.dataset import batch_targets
 from maxdeeplab.platform.data.loader import (
@@ -53,6 +53,7 @@ from maxdeeplab.platform.data.loader import (
     iterate_from,
 )
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
+from maxdeeplab.platform.storage import Location
 from maxdeeplab.platform.training.checkpoint import (
     MODEL_FILE,
     TrainingState,
@@ -85,7 +86,8 @@ class LoopOptions:
 
     Attributes:
         experiment: the resolved config (absolute work_dir, model.num_classes set from the data).
-        run_dir: the run's directory on storage shared by all nodes (status file).
+        run_dir: the run's directory on storage every node reaches (a path or a URI, as
+            `storage.Location.uri`): the status file.
         tracking_uri: MLflow store; rank 0 logs into `mlflow_run_id` (None: no tracking).
         crash_at_step: fault injection for tests: the first worker group to reach this step
             exits abruptly (a marker file in `run_dir` keeps the restarted group alive).
@@ -369,8 +371,8 @@ def _run(ctx: WorkerContext) -> None:
 def _build_data(ctx: WorkerContext) -> tuple[DatasetInfo, DataLoader, DataLoader, int]:
     """(the dataset's info, this rank's train and eval loaders, micro-batches per step)."""
     cfg = ctx.cfg
-    train_set = build_train_dataset(cfg.data, cfg.loss, work_dir=cfg.work_dir, seed=cfg.seed)
-    full_eval_set = build_eval_dataset(cfg.data, work_dir=cfg.work_dir)
+    train_set = build_train_dataset(cfg.data, cfg.loss, cache_dir=cache_dir(cfg), seed=cfg.seed)
+    full_eval_set = build_eval_dataset(cfg.data, cache_dir=cache_dir(cfg))
     eval_set: Dataset = full_eval_set
     if cfg.eval.max_images:
         eval_set = Subset(full_eval_set, range(min(cfg.eval.max_images, len(full_eval_set))))
@@ -463,10 +465,10 @@ def _inject_crash(run_dir: str) -> None:
     It waits a few seconds first so that Ray Train's controller, which collects reports by polling
     the workers, has registered the checkpoints reported before the crash.
     """
-    marker = Path(run_dir) / "crash_injected"
+    marker = Location(run_dir) / "crash_injected"
     if marker.exists():
         return
-    marker.touch()
+    marker.write_text("")
     time.sleep(CRASH_DELAY_S)
     os._exit(1)
 
@@ -524,11 +526,10 @@ def _stop_diverged(ctx: WorkerContext, state: TrainingState) -> None:
 
 def _write_status(run_dir: str, rank: int, status: dict[str, Any]) -> None:
     if rank == 0 and run_dir:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / STATUS_FILE).write_text(json.dumps(status))
+        (Location(run_dir) / STATUS_FILE).write_text(json.dumps(status))
 
 
-def read_status(run_dir: str | Path) -> dict[str, Any]:
+def read_status(run_dir: Location) -> dict[str, Any]:
     """How the loop of a run ended ({} if it never got there)."""
-    path = Path(run_dir) / STATUS_FILE
+    path = run_dir / STATUS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -180,9 +180,9 @@ def test_empty_root_uses_the_cached_synthetic_set(tmp_path: Path) -> None:
     )
     root = resolve_data_root(cfg, tmp_path)
     assert root == tmp_path / "data" / synthetic_cache_name(3, 2, 40, 48, 0)
-    train = build_train_dataset(cfg, LossConfig(), work_dir=tmp_path, seed=0)
+    train = build_train_dataset(cfg, LossConfig(), cache_dir=tmp_path, seed=0)
     assert len(train) == 3 and train[0]["image"].shape == (3, S, S)
-    assert len(build_eval_dataset(cfg, work_dir=tmp_path)) == 2
+    assert len(build_eval_dataset(cfg, cache_dir=tmp_path)) == 2
     shutil.rmtree(root / "val2017")  # not regenerated once it exists
     assert resolve_data_root(cfg, tmp_path) == root
     with pytest.raises(DataError, match="dataset root not found"):

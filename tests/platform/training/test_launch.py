@@ -8,6 +8,7 @@ import pytest
 
 from maxdeeplab.cli.commands.train import split_items
 from maxdeeplab.platform.errors import ConfigError, DataError
+from maxdeeplab.platform.storage import Location
 from maxdeeplab.platform.training.launch import (
     CONFIG_FILE,
     TrainingFailed,
@@ -26,10 +27,12 @@ def test_find_run_by_name_or_path(tmp_path: Path) -> None:
     run = tmp_path / "ray" / "quickstart-1"
     run.mkdir(parents=True)
     (run / CONFIG_FILE).write_text("name: quickstart\n")
-    assert find_run("quickstart-1", tmp_path) == run.resolve()
-    assert find_run(str(run), "elsewhere") == run.resolve()
-    with pytest.raises(ConfigError, match="--resume nope"):
-        find_run("nope", tmp_path)
+    assert find_run("quickstart-1", str(tmp_path)) == Location.parse(run)
+    assert find_run(str(run), "elsewhere") == Location.parse(run)
+    with pytest.raises(
+        ConfigError, match="--resume nope: .*name the run's work dir with --work-dir"
+    ):
+        find_run("nope", str(tmp_path))
 
 
 def test_worker_failures_become_one_line(tmp_path: Path) -> None:
@@ -87,7 +90,7 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path: Path) -> None:
             train(cfg, run_name="diverging", local=True)
     finally:
         torch.set_num_threads(threads)
-    assert read_status(tmp_path / "ray" / "diverging")["status"] == "diverged"
+    assert read_status(Location.parse(tmp_path / "ray" / "diverging"))["status"] == "diverged"
     (run,) = tracking.find_runs(cfg, "diverging")
     assert run.info.status == "FAILED"
     assert run.data.metrics[tracking.TRAIN_BAD_STEPS] == 2

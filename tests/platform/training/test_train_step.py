@@ -50,7 +50,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, o
             "optim.lr=2e-3",
         ],
     )
-    train_set = build_train_dataset(cfg.data, cfg.loss, work_dir=cfg.work_dir, seed=0)
+    train_set = build_train_dataset(cfg.data, cfg.loss, cache_dir=cfg.work_dir, seed=0)
     info = train_set.split.info
     cfg = replace(cfg, model=replace(cfg.model, num_classes=info.num_classes))
     return cfg, train_set, info
@@ -122,7 +122,7 @@ def test_gradient_accumulation_splits_the_batch() -> None:
 
 def test_evaluate_reports_pq_of_the_val_split(setup) -> None:
     cfg, _, info = setup
-    eval_set = build_eval_dataset(cfg.data, work_dir=cfg.work_dir)
+    eval_set = build_eval_dataset(cfg.data, cache_dir=cfg.work_dir)
     loader = build_loader(eval_set, batch_size=2, train=False)
     model, _ = fresh(cfg)
     result = evaluate(model, loader, cfg=cfg, info=info, device=CPU, num_visualizations=2)
