@@ -104,17 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _trained_one_step(args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
-    """The model and optimiser after one real step (Adam's moments exist), and its time."""
-    from dataclasses import replace
-
-    import torch
-
-    from maxdeeplab.models.network import build_model, parameter_groups
-    from maxdeeplab.platform.config import cache_dir, load_experiment
-    from maxdeeplab.platform.data.loader import build_loader, build_train_dataset, iterate_from
+    """The model and optimiser after real steps (Adam's moments exist), and a step's time."""
+    from maxdeeplab.cli.bench.train import plain_loop
+    from maxdeeplab.platform.config import load_experiment
     from maxdeeplab.platform.training.checkpoint import TrainingState
-    from maxdeeplab.platform.training.loop import step_once
-    from maxdeeplab.platform.training.optim import build_optimizer
 
     cfg = load_experiment(
         None,
@@ -127,27 +120,11 @@ def _trained_one_step(args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
             f"work_dir={args.work_dir}",
         ],
     )
-    train_set = build_train_dataset(cfg.data, cfg.loss, cache_dir=cache_dir(cfg), seed=cfg.seed)
-    info = train_set.split.info
-    cfg = replace(cfg, model=replace(cfg.model, num_classes=info.num_classes))
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(*parameter_groups(model), cfg.optim)
-    batches = iterate_from(build_loader(train_set, batch_size=1), 0)
+    model, optimizer, _, step = plain_loop(cfg)
     times = []
-    for step in range(2):  # the first step pays one-off costs (allocations, Adam state)
+    for index in range(2):  # the first step pays one-off costs (allocations, Adam state)
         start = time.perf_counter()
-        step_once(
-            model,
-            optimizer,
-            batches,
-            step=step,
-            passes=1,
-            rank=0,
-            cfg=cfg,
-            num_thing_classes=info.num_thing_classes,
-            device=torch.device("cpu"),
-        )
+        step(index)
         times.append(time.perf_counter() - start)
     return model, optimizer, TrainingState(step=2), times[-1]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -51,18 +52,16 @@ def bench_experiment(args: argparse.Namespace) -> ExperimentConfig:
     )
 
 
-def timed_steps(cfg: ExperimentConfig, *, steps: int, warmup: int, threads: int) -> float:
-    """Training steps per second over `steps` steps after `warmup` untimed ones."""
+def plain_loop(cfg: ExperimentConfig) -> tuple[Any, Any, Any, Callable[[int], None]]:
+    """A model, its optimiser, the batch stream and `step(i)`: the loop without Ray, on CPU."""
     import torch
 
     from maxdeeplab.models.network import build_model, parameter_groups
     from maxdeeplab.platform.config import cache_dir
     from maxdeeplab.platform.data.loader import build_loader, build_train_dataset, iterate_from
-    from maxdeeplab.platform.training.loop import step_once
     from maxdeeplab.platform.training.optim import build_optimizer
+    from maxdeeplab.platform.training.step import step_once
 
-    torch.set_num_threads(threads)
-    device = torch.device("cpu")
     train_set = build_train_dataset(cfg.data, cfg.loss, cache_dir=cache_dir(cfg), seed=cfg.seed)
     info = train_set.split.info
     cfg = replace(cfg, model=replace(cfg.model, num_classes=info.num_classes))
@@ -70,21 +69,34 @@ def timed_steps(cfg: ExperimentConfig, *, steps: int, warmup: int, threads: int)
     model = build_model(cfg.model)
     optimizer = build_optimizer(*parameter_groups(model), cfg.optim)
     batches = iterate_from(build_loader(train_set, batch_size=cfg.train.batch_size), 0)
-    start = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            start = time.perf_counter()
+
+    def step(index: int) -> None:
         step_once(
             model,
             optimizer,
             batches,
-            step=step,
+            step=index,
             passes=1,
             rank=0,
             cfg=cfg,
             num_thing_classes=info.num_thing_classes,
-            device=device,
+            device=torch.device("cpu"),
         )
+
+    return model, optimizer, batches, step
+
+
+def timed_steps(cfg: ExperimentConfig, *, steps: int, warmup: int, threads: int) -> float:
+    """Training steps per second over `steps` steps after `warmup` untimed ones."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _, _, _, step = plain_loop(cfg)
+    start = 0.0
+    for index in range(warmup + steps):
+        if index == warmup:
+            start = time.perf_counter()
+        step(index)
     return steps / (time.perf_counter() - start)
 
 

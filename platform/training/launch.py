@@ -63,7 +63,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     """
     from maxdeeplab.platform.data.coco import CocoPanoptic
     from maxdeeplab.platform.data.loader import resolve_data_root
-    from maxdeeplab.platform.training.loop import micro_batching
+    from maxdeeplab.platform.training.step import micro_batching
 
     cache = cache_dir(cfg)
     root = resolve_data_root(cfg.data, cache)

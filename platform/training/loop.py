@@ -3,9 +3,8 @@
 Context: docs/architecture.md#data-flow and #exact-resume; the solver: docs/deeplab2.md#solver.
 
 Reads top to bottom like nanoGPT's train.py: data, model, optimiser, (resume), loop. Each Ray Train
-worker runs `train_loop_per_worker`; `step_once`, `train_step` (here) and `evaluate`
-(validation.py) are plain functions of a model, an optimiser and batches, usable without Ray:
-every loop that trains (this one, the benchmark's, the tests') steps through `step_once`.
+worker runs `train_loop_per_worker`; one step is `step.step_once`, evaluation
+`validation.evaluate`: plain functions, usable without Ray.
 
 Exactness. The learning rate, the data order, the augmentation and the torch RNG are functions of
 (seed, step) (and the rank), so a worker group restarted from the checkpoint of step s replays steps
@@ -21,38 +20,31 @@ many in a row stop the run (`TrainingDiverged`), keeping the last good checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from maxdeeplab.models.losses.criterion import LOSS_KEYS, compute_losses
 from maxdeeplab.models.network import MaXDeepLab, build_model, parameter_groups
-from maxdeeplab.models.structures import PanopticTargets
 from maxdeeplab.platform import tracking
 from maxdeeplab.platform.config import ExperimentConfig, cache_dir
 from maxdeeplab.platform.data.coco import DatasetInfo
-from maxdeeplab.platform.data.dataset import batch_targets
 from maxdeeplab.platform.data.loader import (
     build_eval_dataset,
     build_loader,
     build_train_dataset,
     iterate_from,
 )
-from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
+from maxdeeplab.platform.errors import MaXDeepLabError
 from maxdeeplab.platform.storage import Location
 from maxdeeplab.platform.training.checkpoint import (
     MODEL_FILE,
@@ -62,14 +54,15 @@ from maxdeeplab.platform.training.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from maxdeeplab.platform.training.optim import build_optimizer, set_learning_rate
+from maxdeeplab.platform.training.optim import build_optimizer
 from maxdeeplab.platform.training.progress import (
     CONSOLE_MARKER,
     Meter,
     console_logger,
     log_evaluation,
 )
-from maxdeeplab.platform.training.validation import autocast, evaluate
+from maxdeeplab.platform.training.step import micro_batching, step_once
+from maxdeeplab.platform.training.validation import evaluate
 
 log = logging.getLogger(__name__)
 STATUS_FILE = "maxdeeplab_status.json"  # in the run directory: how the loop ended
@@ -123,155 +116,6 @@ class WorkerContext:
     crash_at_step: int | None = None
     console: logging.Logger | None = None
     logger: tracking.RunLogger | None = None
-
-
-@dataclass
-class StepResult:
-    """One optimiser step: per-term losses (this rank's mean over its passes) and whether it ran."""
-
-    losses: dict[str, torch.Tensor]
-    applied: bool
-    lr: float
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces usable without Ray
-
-
-def micro_batching(batch_size: int, world_size: int, micro_batch_size: int) -> tuple[int, int]:
-    """(images per worker per pass, passes per step) for a global batch split across workers.
-
-    Raises:
-        ConfigError: the batch does not split evenly.
-    """
-    if batch_size % world_size:
-        raise ConfigError(
-            f"train.batch_size={batch_size} is not divisible by resources.num_workers={world_size}"
-        )
-    per_worker = batch_size // world_size
-    micro = micro_batch_size or per_worker
-    if micro > per_worker or per_worker % micro:
-        raise ConfigError(
-            f"train.micro_batch_size={micro_batch_size} must divide the per-worker batch "
-            f"{per_worker} (train.batch_size / resources.num_workers)"
-        )
-    return micro, per_worker // micro
-
-
-def seed_step(seed: int, step: int, rank: int) -> None:
-    """Seed torch's RNG (drop path) from (seed, step, rank): a resumed run redraws the same."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
-
-
-def _to_device(
-    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, PanopticTargets]:
-    images = batch["image"].to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    targets: PanopticTargets = batch_targets(batch).to(device, non_blocking=True)
-    return images, targets
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[dict[str, torch.Tensor]],
-    *,
-    step: int,
-    cfg: ExperimentConfig,
-    num_thing_classes: int,
-    device: torch.device,
-) -> StepResult:
-    """One optimiser update at global step `step` over gradient-accumulated passes.
-
-    Args:
-        model: the model (DDP-wrapped on multi-worker runs; then only the last pass synchronises).
-        optimizer: from `optim.build_optimizer`; its learning rates are set here from the step.
-        micro_batches: this rank's passes; each a `collate_train` dict (image B x 3 x S x S, ...).
-        step: the global step (0-based) whose learning rate applies.
-        cfg: the experiment (loss, optim, train.steps, train.amp, train.channels_last).
-        num_thing_classes: semantic ids 1..T are things.
-        device: where the model lives.
-
-    Returns:
-        The per-term losses (detached, on `device`) and whether the update was applied: it is
-        skipped on every rank when any rank's loss is not finite.
-    """
-    lr = set_learning_rate(optimizer, step, cfg.optim, cfg.train.steps)
-    optimizer.zero_grad(set_to_none=True)
-    channels_last = cfg.train.channels_last and device.type == "cuda"
-    sums = {key: torch.zeros((), device=device) for key in LOSS_KEYS}
-    passes = len(micro_batches)
-    for index, batch in enumerate(micro_batches):
-        images, targets = _to_device(batch, device, channels_last)
-        last = index == passes - 1
-        no_sync = getattr(model, "no_sync", None)
-        sync_context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        with sync_context:
-            with autocast(device, cfg.train.amp):
-                output = model(images)
-            losses = compute_losses(
-                output, targets, loss_cfg=cfg.loss, num_thing_classes=num_thing_classes
-            )
-            (losses["total"] / passes).backward()
-        for key in LOSS_KEYS:
-            sums[key] += losses[key].detach() / passes
-    finite = torch.isfinite(sums["total"]).to(torch.int32)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    applied = bool(finite.item())
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(losses=sums, applied=applied, lr=lr)
-
-
-def step_once(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[dict[str, torch.Tensor]],
-    *,
-    step: int,
-    passes: int,
-    rank: int,
-    cfg: ExperimentConfig,
-    num_thing_classes: int,
-    device: torch.device,
-) -> StepResult:
-    """Global step `step` from the batch stream: fetch its passes, seed it, run `train_step`.
-
-    Every loop that trains (the Ray Train worker, the benchmark's plain loop, the tests) steps
-    through here, so a run resumed at step s with `iterate_from(loader, s * passes)` replays the
-    first attempt's data and random draws exactly.
-
-    Args:
-        batches: this rank's micro-batches in order (`data.loader.iterate_from`); `passes` of
-            them are taken.
-        step: the global step (0-based).
-        passes: micro-batches per step (`micro_batching`); gradients accumulate over them.
-        rank: this worker's world rank (each rank draws its own drop path).
-        model, optimizer, cfg, num_thing_classes, device: as in `train_step`.
-
-    Returns:
-        `train_step`'s result; a non-finite step is skipped there on every rank.
-    """
-    micro_batches = [next(batches) for _ in range(passes)]
-    # Seed after fetching: a new DataLoader iterator (each epoch) draws from torch's RNG.
-    seed_step(cfg.seed, step, rank)
-    return train_step(
-        model,
-        optimizer,
-        micro_batches,
-        step=step,
-        cfg=cfg,
-        num_thing_classes=num_thing_classes,
-        device=device,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The Ray Train worker
 
 
 def train_loop_per_worker(options: LoopOptions) -> None:

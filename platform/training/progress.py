@@ -21,7 +21,7 @@ from maxdeeplab.platform.eval.report import format_per_class, format_table
 from maxdeeplab.platform.training.checkpoint import TrainingState
 
 if TYPE_CHECKING:  # for annotations only: loop.py imports this module
-    from maxdeeplab.platform.training.loop import StepResult
+    from maxdeeplab.platform.training.step import StepResult
     from maxdeeplab.platform.training.validation import EvalResult
 
 CONSOLE_MARKER = "[maxdeeplab]"  # the launcher shows only worker lines carrying it (Ray noise)

@@ -25,8 +25,8 @@ from maxdeeplab.platform.training.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from maxdeeplab.platform.training.loop import micro_batching, step_once, train_step
 from maxdeeplab.platform.training.optim import build_optimizer
+from maxdeeplab.platform.training.step import micro_batching, step_once, train_step
 from maxdeeplab.platform.training.validation import evaluate
 
 CPU = torch.device("cpu")
