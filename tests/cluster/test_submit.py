@@ -8,6 +8,7 @@ worker): the cluster's and the job's start-up dominate.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -353,3 +354,21 @@ def test_submitted_sweep_keeps_its_state_in_the_bucket_and_tracks_on_the_server(
     table = maxdeeplab("table", "--uri", mlflow_server.url, env=ray_cluster.env, cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["common", "experiments", "sweeps"])
+
+    # `sweep --resume` from a fresh directory elsewhere reads the sweep's state from the bucket:
+    # both trials are done, so it only reports them (no new run, the same parent).
+    fresh = tmp_path.parent / f"{tmp_path.name}-fresh"
+    shutil.copytree(tmp_path, fresh)
+    resumed = maxdeeplab(
+        "sweep",
+        str(fresh / "sweeps" / "sweep-submit.yaml"),
+        "--resume",
+        "--address",
+        ray_cluster.gcs_address,
+        env=ray_cluster.env,
+        cwd=fresh,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "sweep sweep-submit: 2 trials" in resumed.stdout, resumed.stdout
+    assert len(client.search_runs([found.experiment_id])) == 3
