@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from maxdeeplab.platform.errors import MaXDeepLabError
@@ -54,9 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before anything imports Ray: a token found means Ray's token mode for this process and
-    # every Ray process it starts (Ray reads the mode once, at start-up).
-    use_token_if_found()
     parser = build_parser()
     # Overrides may come after flags too (`train EXP --name X lr=...`): argparse stops a
     # positional list at the first flag, so the rest of it arrives as "unknown" arguments.
@@ -66,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if listed is None or any(item.startswith("-") for item in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         setattr(args, listed, [*getattr(args, listed), *rest])
+    if (
+        getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    ) and "ray" not in sys.modules:
+        # Joining a cluster: a token found means Ray's token mode, which Ray reads once, when it
+        # is first imported (a local instance keeps Ray's own default).
+        use_token_if_found()
     # Our own messages at INFO; libraries (boto3, MLflow, Ray) only when something is wrong.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("maxdeeplab").setLevel(logging.DEBUG if args.debug else logging.INFO)
