@@ -1,6 +1,6 @@
 """The driver side of a training run: Ray, the run directory, MLflow and one `TorchTrainer`.
 
-    prepare_experiment  absolute work_dir, the synthetic set generated once, classes from the data
+    prepare_experiment  normalised work_dir and cache_dir, the synthetic set, classes from the data
     start_ray           an embedded local Ray by default; `--address` / RAY_ADDRESS joins a cluster
     train               new or resumed run -> MLflow run -> TorchTrainer.fit -> one-line errors
 
