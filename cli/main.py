@@ -14,6 +14,7 @@ import os
 import sys
 
 from maxdeeplab.platform.errors import MaXDeepLabError
+from maxdeeplab.platform.interrupts import Interrupted
 from maxdeeplab.platform.ray_auth import use_token_if_found
 
 # verb -> (module, one-line help). Order is the order `--help` shows.
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("maxdeeplab").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return int(args.run(args) or 0)
+    except Interrupted as exc:  # what was stopped and how to continue it, in one line
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except MaXDeepLabError as exc:
         if args.debug:
             raise

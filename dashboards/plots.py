@@ -4,15 +4,18 @@
   latest per-class PQ as bars;
 - a sweep (a parent run whose trials are child runs tagged `mlflow.parentRunId`): every trial's
   PQ curve, and the final PQ against each varied config key (resolution, steps, drop-path schedule
-  and keep prob, ...), found as the params whose values differ between trials.
+  and keep prob, ...), found as the params whose values differ between trials: mean ± std over
+  the trials that differ by seed alone, with their count n.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing touches global backend
-state or needs a display. Values are shown in percent, as in the model-zoo table.
+state or needs a display. PQ is shown in percent, as everywhere the project shows it; MLflow
+holds it as a fraction (`val/*`), as panopticapi computes it.
 """
 
 from __future__ import annotations
 
 import re
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,10 @@ CURVES = (
 ARTIFACT_DIR = "plots"
 # Params that differ between trials without being part of what a sweep studies.
 NOT_SWEPT_PREFIXES = ("tracking.",)
-NOT_SWEPT_KEYS = frozenset({"name", "work_dir"})
+# `seed` differs between repeats of one config: those are the n of each point, not a study.
+NOT_SWEPT_KEYS = frozenset({"name", "work_dir", "seed"})
+Y_MARGIN = 0.1  # of the PQ range, below and (twice) above the points of a sweep plot
+MIN_Y_MARGIN = 1.0  # PQ points (percent)
 
 Series = list[tuple[int, float]]  # (step, value) pairs sorted by step
 
@@ -70,34 +76,104 @@ def per_class_figure(pq_by_class: Mapping[str, float], title: str) -> Figure:
     return fig
 
 
-def metric_vs_key_figure(points: Sequence[tuple[str, float]], key: str, title: str) -> Figure:
-    """Final PQ (percent) of each trial against one config key's value.
+def metric_vs_key_figure(
+    points: Sequence[tuple[str, float]],
+    key: str,
+    title: str,
+    *,
+    series: Sequence[str] | None = None,
+) -> Figure:
+    """Final PQ (percent) of the trials against one config key's value, mean ± std per value.
 
-    Numeric keys (crop size, steps, keep prob) get a numeric axis; others (schedule names)
-    one position per value. The line joins the best trial at each value, since other keys may
-    vary too.
+    Trials with the same value and the same `series` label are repeats of one config (seeds):
+    each such group is one marker at its mean, with the standard deviation as an error bar and its
+    count `n` above it; each trial is also drawn as a faint dot. Numeric keys (crop size, steps,
+    keep prob) get a numeric axis and a line per series through the means; other keys (schedule
+    names) one position per value and markers only, since a line would invent an order between
+    categories, with the series side by side. The y axis spans the data plus a margin (PQ of
+    40-45 is not drawn from 0).
+
+    Args:
+        points: (the key's value as logged, PQ as a fraction), one per trial.
+        key: the config key, for the x label.
+        title: the figure's title.
+        series: a label per point naming the other varied keys' values (e.g. `data.crop_size=641`);
+            None: all points are one series.
+
+    Raises:
+        ValueError: `series` and `points` differ in length.
     """
-    fig = _figure(5.5, 4.0)
-    ax = fig.subplots()
+    labels = list(series) if series is not None else [""] * len(points)
+    if len(labels) != len(points):
+        raise ValueError(
+            f"metric_vs_key_figure: {len(labels)} series labels for {len(points)} points"
+        )
     numeric = all(_is_number(value) for value, _ in points)
-    order: list[Any]
-    if numeric:
-        order = sorted({float(value) for value, _ in points})
-        xs = [float(value) for value, _ in points]
-    else:
-        order = sorted({str(value) for value, _ in points})
-        xs = [order.index(str(value)) for value, _ in points]
+    order: list[Any] = sorted({float(v) if numeric else str(v) for v, _ in points})
+    groups: dict[tuple[str, Any], list[float]] = {}
+    for (value, pq), label in zip(points, labels, strict=True):
+        x = float(value) if numeric else str(value)
+        groups.setdefault((label, x), []).append(pq * PERCENT)
+    names = sorted(set(labels))
+    fig = _figure(5.5 if len(names) == 1 else 6.5, 4.0)
+    ax = fig.subplots()
+    shown: list[float] = []
+    for i, name in enumerate(names):
+        # Categories: series side by side within a category's slot.
+        offset = 0.0 if numeric else (i - (len(names) - 1) / 2) * min(0.25, 0.8 / len(names))
+        xs, means, errors, counts = [], [], [], []
+        for value in order:
+            ys = groups.get((name, value))
+            if not ys:
+                continue
+            x = (value if numeric else order.index(value)) + offset
+            xs.append(x)
+            means.append(statistics.fmean(ys))
+            errors.append(statistics.stdev(ys) if len(ys) > 1 else 0.0)
+            counts.append(len(ys))
+            ax.scatter([x] * len(ys), ys, s=10, color=f"C{i}", alpha=0.35, zorder=2)
+            shown += ys
+        ax.errorbar(
+            xs,
+            means,
+            yerr=errors,
+            color=f"C{i}",
+            marker="o",
+            linestyle="-" if numeric else "none",
+            capsize=4,
+            zorder=3,
+            label=name or None,
+        )
+        for x, mean, error, n in zip(xs, means, errors, counts, strict=True):
+            ax.annotate(
+                f"n={n}",
+                (x, mean + error),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+            )
+            shown += [mean - error, mean + error]
+    if not numeric:
         ax.set_xticks(range(len(order)), order)
-    ys = [pq * PERCENT for _, pq in points]
-    ax.scatter(xs, ys, color="tab:blue", zorder=3, label="trial")
-    positions = list(order) if numeric else list(range(len(order)))
-    best = [max(y for x, y in zip(xs, ys, strict=True) if x == p) for p in positions]
-    ax.plot(positions, best, color="tab:orange", label="best at value")
-    ax.set(xlabel=key, ylabel="PQ (%)", title=title)
+        ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.set_ylim(*_pq_limits(shown))
+    ax.set(xlabel=key, ylabel="PQ (%), mean ± std over seeds", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(names) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _pq_limits(values: Sequence[float]) -> tuple[float, float]:
+    """y limits (percent) that hold every value with a margin, clipped to [0, 100]."""
+    if not values:
+        return 0.0, 100.0
+    low, high = min(values), max(values)
+    margin = max(MIN_Y_MARGIN, Y_MARGIN * (high - low))
+    # More room above, for the `n=` labels.
+    return max(0.0, low - margin), min(100.0, high + 2 * margin)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -181,6 +257,12 @@ def child_runs(client: Any, parent_run_id: str) -> list[Any]:
     return sorted(runs, key=lambda r: r.info.start_time or 0)
 
 
+def trial_label(run: Any) -> str:
+    """A trial's name in legends: the one its sweep's console and summary table show (the
+    `maxdeeplab.trial` tag, `drop_path_schedule=linear`), else its run name."""
+    return str(run.data.tags.get(tracking.TRIAL_TAG) or run.info.run_name or run.info.run_id)
+
+
 def varied_keys(runs: Sequence[Any]) -> list[str]:
     """The config keys (params) whose values differ between the runs, sorted.
 
@@ -193,13 +275,34 @@ def varied_keys(runs: Sequence[Any]) -> list[str]:
     for key in sorted(keys):
         if key in NOT_SWEPT_KEYS or key.startswith(NOT_SWEPT_PREFIXES):
             continue
-        values = [run.data.params.get(key) for run in runs]
-        # Which runs share a value, independent of the values themselves.
-        partition = tuple(values.index(value) for value in values)
-        if len(set(values)) > 1 and partition not in partitions:
+        partition = _partition(runs, key)
+        if len(set(partition)) > 1 and partition not in partitions:
             partitions.add(partition)
             varied.append(key)
     return varied
+
+
+def _partition(runs: Sequence[Any], key: str) -> tuple[int, ...]:
+    """Which runs share a value of `key`, independent of the values themselves."""
+    values = [run.data.params.get(key) for run in runs]
+    return tuple(values.index(value) for value in values)
+
+
+def sweep_points(
+    trials: Sequence[Any], key: str, varied: Sequence[str], metric: str = tracking.VAL_PQ
+) -> tuple[list[tuple[str, float]], list[str]]:
+    """The points of `metric_vs_key_figure` for one key, and each point's series label.
+
+    A trial's series is its values of the other varied keys (`data.crop_size=641`), so that the
+    trials grouped at one value differ by seed alone. Keys that move with `key` (its bundle) are
+    not other keys.
+    """
+    with_key = [run for run in trials if key in run.data.params]
+    own = _partition(with_key, key)
+    others = [k for k in varied if k != key and _partition(with_key, k) != own]
+    points = [(run.data.params[key], run.data.metrics[metric]) for run in with_key]
+    series = [", ".join(f"{k}={run.data.params.get(k, '')}" for k in others) for run in with_key]
+    return points, series
 
 
 def plot_sweep(
@@ -233,19 +336,14 @@ def plot_sweep(
         return []
     out = Path(out_dir)
     stem = _file_stem(sweep)
-    curves = {
-        run.info.run_name or run.info.run_id: metric_series(client, run.info.run_id, metric)
-        for run in trials
-    }
+    curves = {trial_label(run): metric_series(client, run.info.run_id, metric) for run in trials}
     fig = pq_curves_figure(curves, f"{sweep}: {metric} of every trial")
     paths = [save_figure(fig, out / f"{stem}_trials_pq_vs_step.png")]
-    for key in keys if keys is not None else varied_keys(trials):
-        points = [
-            (run.data.params[key], run.data.metrics[metric])
-            for run in trials
-            if key in run.data.params
-        ]
-        fig = metric_vs_key_figure(points, key, f"{sweep}: final {metric} vs {key}")
+    varied = varied_keys(trials)
+    for key in keys if keys is not None else varied:
+        points, series = sweep_points(trials, key, varied, metric)
+        title = f"{sweep}: final {metric} vs {key}"
+        fig = metric_vs_key_figure(points, key, title, series=series)
         paths.append(save_figure(fig, out / f"{stem}_pq_vs_{_file_stem(key)}.png"))
     if log:
         for path in paths:

@@ -25,11 +25,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from maxdeeplab.models.config import (
-    NEGATIVE_WEIGHTINGS,
     POSTPROCESS_MODES,
     LossConfig,
     ModelConfig,
     PostprocessConfig,
+    loss_config_problem,
     model_config_problem,
     variant_overrides,
 )
@@ -38,6 +38,12 @@ from maxdeeplab.platform.errors import ConfigError
 from maxdeeplab.platform.storage import Location, StorageError
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# train.amp: 'auto' = bf16 autocast on GPU, float32 on CPU; 'bf16' = bf16 autocast on every device
+# (on CPU too: slower there without bf16 instructions, but it lets CI run the mixed-precision
+# path); 'fp32' = never. Not 'on'/'off': YAML reads those as booleans.
+AMP_MODES = ("auto", "bf16", "fp32")
+# YAML booleans, as run configs written before the modes existed hold them, keep their meaning.
+AMP_BOOLEANS = {"True": "auto", "False": "fp32"}
 
 
 @dataclass
@@ -74,7 +80,7 @@ class TrainConfig:
     # values accumulate gradients over batch_size / (num_workers * micro_batch_size) passes.
     micro_batch_size: int = 0
     channels_last: bool = True
-    amp: bool = True  # bf16 autocast on GPU; CPU runs are always fp32
+    amp: str = "auto"  # AMP_MODES: bf16 autocast on GPU only (auto), everywhere, or never
 
 
 @dataclass
@@ -296,6 +302,12 @@ def resolve(layers: list[tuple[str, DictConfig]]) -> ExperimentConfig:
         typed: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{layers[-1][0] if layers else 'config'}: {exc}") from None
+    typed.train.amp = AMP_BOOLEANS.get(typed.train.amp, typed.train.amp)
+    if typed.model.train_crop_size == 0:
+        # The model's ASPP pooling follows its training crop (docs/deeplab2.md#auxiliary-semantic-
+        # branch). A run's saved config records it, so evaluating that run with another
+        # data.crop_size keeps the pooling it was trained with, as deeplab2 does.
+        typed.model.train_crop_size = typed.data.crop_size
     problem = first_invalid_value(typed)
     if problem is not None:
         key, value, why = problem
@@ -336,14 +348,17 @@ def first_invalid_value(cfg: ExperimentConfig) -> tuple[str, Any, str] | None:
         Location.parse(cfg.work_dir)
     except StorageError as exc:
         return "work_dir", cfg.work_dir, str(exc).split(": ", 1)[-1]
-    model_problem = model_config_problem(cfg.model)
-    if model_problem is not None:
-        key, value, why = model_problem
-        return f"model.{key}", value, why
+    for section, problem in (
+        ("model", model_config_problem(cfg.model)),
+        ("loss", loss_config_problem(cfg.loss)),
+    ):
+        if problem is not None:
+            key, value, why = problem
+            return f"{section}.{key}", value, why
     choices = {
         "postprocess.mode": (cfg.postprocess.mode, POSTPROCESS_MODES),
-        "loss.negative_weighting": (cfg.loss.negative_weighting, NEGATIVE_WEIGHTINGS),
         "resources.placement_strategy": (cfg.resources.placement_strategy, PLACEMENT_STRATEGIES),
+        "train.amp": (cfg.train.amp, AMP_MODES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

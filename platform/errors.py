@@ -21,3 +21,7 @@ class EvaluationError(MaXDeepLabError):
 
 class ClusterError(MaXDeepLabError):
     """A Ray cluster's job server cannot be reached or refuses a request (names its address)."""
+
+
+class CheckpointError(MaXDeepLabError):
+    """A checkpoint is incomplete, corrupt or holds non-finite tensors (names its path)."""

@@ -154,6 +154,30 @@ class Location:
             if info.type == fs.FileType.File
         ]
 
+    def list_dirs(self) -> list[Location]:
+        """The folders directly below this one (none if it does not exist)."""
+        from pyarrow import fs
+
+        filesystem, path = self.filesystem()
+        selector = fs.FileSelector(path, allow_not_found=True, recursive=False)
+        prefix = self.uri.split("://", 1)[0] + "://" if not self.is_local else ""
+        return [
+            Location(prefix + info.path)
+            for info in self._call(filesystem.get_file_info, selector)
+            if info.type == fs.FileType.Directory
+        ]
+
+    def size(self) -> int:
+        """The size of a file in bytes (-1 if it does not exist)."""
+        info = self._info()
+        return int(info.size) if info.size is not None else -1
+
+    def remove_file(self) -> None:
+        """Delete a file (nothing if it does not exist)."""
+        filesystem, path = self.filesystem()
+        if self.is_file():
+            self._call(filesystem.delete_file, path)
+
     def _call(self, method: Any, *args: Any) -> Any:
         try:
             return method(*args)

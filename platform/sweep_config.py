@@ -18,13 +18,15 @@ or `choice` values are mappings of dotted keys, e.g.
 `resolution: {grid: [{data.crop_size: 641, postprocess.thing_area_limit: 100}, {...}]}`.
 A sweep runs `num_samples x product(grid sizes)` trials. `load_sweep` validates everything
 (every key exists, every value type-checks against its key, every grid point resolves to a valid
-experiment) without starting Ray.
+experiment) without starting Ray. A trial is named by what it tries (`trial_name`:
+`drop_path_schedule=linear`), on the console, in the summary table, in MLflow and in plots.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from maxdeeplab.platform.errors import ConfigError
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("fifo", "asha")
 SWEEP_KEYS = ("name", "base", "overrides", "search", "tune", "resources")
+NAME_DIGITS = 4  # significant digits of a float in a trial's name
 
 
 @dataclass
@@ -115,6 +118,51 @@ def expand_bundles(point: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def trial_name(sweep: Sweep, point: Mapping[str, Any], trial_id: str) -> str:
+    """What a trial is called on the console, in the summary table, in MLflow and plot legends.
+
+    The searched keys' short names with their values (`drop_path_schedule=linear, lr=0.002`),
+    unique within the sweep: when two trials can get the same point (`tune.num_samples` > 1, or
+    grid values that look alike once shortened) the trial's index from its Tune id follows
+    (`lr=0.002 #3` for trial `a1b2c_00003`).
+    """
+    short = _short_keys(list(sweep.search))
+    name = ", ".join(f"{short[key]}={_shown(sweep, key, point.get(key))}" for key in sweep.search)
+    if name and not _points_may_coincide(sweep):
+        return name
+    index = trial_id.rsplit("_", 1)[-1]
+    return f"{name} #{int(index) if index.isdigit() else trial_id}".strip()
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """`model.drop_path_schedule` -> `drop_path_schedule`, unless two keys end alike."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: end if last.count(end) == 1 else key for key, end in zip(keys, last, strict=True)}
+
+
+def _shown(sweep: Sweep, key: str, value: Any) -> str:
+    """A value as a trial's name shows it; a bundle by its first value when that tells the
+    bundle's choices apart (`resolution=641`), else by all of its values (`641/100/1600`)."""
+    if isinstance(value, Mapping):
+        choices = next(iter(sweep.search[key].values()))
+        firsts = [next(iter(choice.values()), None) for choice in choices]
+        if len(set(map(str, firsts))) == len(firsts) and value:
+            return _shown(sweep, key, next(iter(value.values())))
+        return "/".join(_shown(sweep, key, v) for v in value.values())
+    if isinstance(value, float):
+        return f"{value:.{NAME_DIGITS}g}"
+    return str(value)
+
+
+def _points_may_coincide(sweep: Sweep) -> bool:
+    if sweep.tune.num_samples > 1:
+        return True
+    return any(
+        len({_shown(sweep, key, value) for value in values}) < len(values)
+        for key, values in sweep.grid.items()
+    )
 
 
 def dotted_to_tree(flat: dict[str, Any]) -> DictConfig:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from maxdeeplab.platform import provenance
 from maxdeeplab.platform.config import ExperimentConfig, to_params, to_yaml, work_dir
 from maxdeeplab.platform.errors import MaXDeepLabError
 
@@ -49,7 +50,13 @@ VAL_PQ_PIPELINE = "val/pq_pipeline"
 VAL_PQ_CLASS_PREFIX = "val/pq_class/"
 VAL_METRICS = (VAL_PQ, VAL_PQ_THING, VAL_PQ_STUFF, VAL_SQ, VAL_RQ, VAL_PQ_PIPELINE)
 
+_OURS = ("loss/", "train/", "val/")  # what the training loop logs (system/* is MLflow's)
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"  # in the run directory, for `train --resume`
+# --- tags of a sweep's trials (child runs) ---------------------------------------------------
+RUN_NAME_TAG = "mlflow.runName"  # MLflow's own: the run's name, shown in its UI
+TRIAL_TAG = "maxdeeplab.trial"  # the trial's name (`sweep_config.trial_name`), for plot legends
+TRIAL_ID_TAG = "maxdeeplab.trial_id"  # Ray Tune's trial id (its Train run is `<sweep>-<id>`)
+SEARCH_TAG_PREFIX = "search."  # + a searched key: the trial's value (the parent's params alike)
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 
 
@@ -123,7 +130,13 @@ def experiment_id(cfg: ExperimentConfig, uri: str | None = None) -> str:
     location = artifact_root(cfg) if uri.startswith("sqlite:") else None
     if uri.startswith("sqlite:"):
         work_dir(cfg).mkdir()
-    return str(client.create_experiment(cfg.tracking.experiment, artifact_location=location))
+    return str(
+        client.create_experiment(
+            cfg.tracking.experiment,
+            artifact_location=location,
+            tags=provenance.experiment_tags(),
+        )
+    )
 
 
 def create_run(
@@ -139,7 +152,8 @@ def create_run(
         cfg: the resolved experiment.
         run_name: the training run's name (also Ray Train's run name).
         parent_run_id: the sweep's parent run, making this one its child.
-        tags: extra run tags.
+        tags: extra run tags; a `mlflow.runName` tag (`RUN_NAME_TAG`) names the MLflow run
+            instead of `run_name` (a sweep's trial is named by what it tries).
 
     Returns:
         The run id, to pass to the workers (`RunLogger`) and to store in the run directory.
@@ -148,9 +162,10 @@ def create_run(
 
     uri = tracking_uri(cfg)
     client = _client(uri)
-    all_tags = dict(tags or {})
+    all_tags = {**provenance.run_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    run_name = all_tags.get(RUN_NAME_TAG, run_name)  # MLflow refuses two different names
     run = client.create_run(experiment_id(cfg, uri), run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     params = [Param(k, v[:6000]) for k, v in sorted(to_params(cfg).items())]
@@ -160,9 +175,16 @@ def create_run(
     return run_id
 
 
-def reopen_run(cfg: ExperimentConfig, run_id: str) -> None:
-    """Mark a stopped run as running again (a resumed training run continues its own run)."""
-    _client(tracking_uri(cfg)).update_run(run_id, status="RUNNING")
+def reopen_run(cfg: ExperimentConfig, run_id: str) -> str:
+    """Mark a stopped run as running again (a resumed training run continues its own run).
+
+    Returns:
+        Its status before (FINISHED, FAILED, KILLED, ...).
+    """
+    client = _client(tracking_uri(cfg))
+    before = str(client.get_run(run_id).info.status)
+    client.update_run(run_id, status="RUNNING")
+    return before
 
 
 def finish_run(cfg: ExperimentConfig, run_id: str, status: str = "FINISHED") -> None:
@@ -184,19 +206,42 @@ class RunLogger:
     """What world rank 0 logs into an existing run: metrics, tables, images, files.
 
     Every other rank must not construct one (the training loop passes `None` there).
+
+    A restarted worker group replays the steps since its checkpoint; each metric key keeps one
+    point per step because a point at or below the last step already logged for its key is
+    dropped (`is_replay`), and system metrics continue their own step count.
     """
 
     def __init__(self, uri: str, run_id: str, *, system_metrics: bool = True) -> None:
         self.uri = uri
         self.run_id = run_id
         self._client = _client(uri)
+        self._logged_through = self._last_steps()
         self._monitor = _start_system_metrics(uri, run_id) if system_metrics else None
+
+    def _last_steps(self) -> dict[str, int]:
+        """The last step logged so far for each metric key of the run (empty for a new run)."""
+        keys = [k for k in self._client.get_run(self.run_id).data.metrics if k.startswith(_OURS)]
+        return {
+            key: max(
+                (m.step for m in self._client.get_metric_history(self.run_id, key)), default=-1
+            )
+            for key in keys
+        }
+
+    def is_replay(self, key: str, step: int) -> bool:
+        """Whether `key` already has a point at `step` or later (from an earlier attempt)."""
+        return step <= self._logged_through.get(key, -1)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if not self.is_replay(k, step)
+        ]
         for start in range(0, len(batch), 1000):  # MLflow's per-batch metric limit
             self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
@@ -224,7 +269,8 @@ def _start_system_metrics(uri: str, run_id: str) -> Any:
         log.debug("psutil is not installed: no system metrics")
         return None
     # An explicit URI: mlflow.set_tracking_uri would leak into the process (e.g. local mode).
-    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    # resume_logging: a restarted worker group continues the run's system/* steps, not from 0.
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri, resume_logging=True)
     monitor.start()
     return monitor
 
@@ -241,9 +287,8 @@ def create_sweep_run(
 
     uri = tracking_uri(cfg)
     client = _client(uri)
-    run = client.create_run(
-        experiment_id(cfg, uri), run_name=sweep_name, tags={"sweep": sweep_name}
-    )
+    tags = {**provenance.run_tags(), "sweep": sweep_name}
+    run = client.create_run(experiment_id(cfg, uri), run_name=sweep_name, tags=tags)
     run_id = run.info.run_id
     params = [Param(f"search.{k}", str(v)[:6000]) for k, v in sorted(search.items())]
     if params:
@@ -269,6 +314,16 @@ def log_sweep_summary(
         ],
     )
     client.set_terminated(parent_run_id, status="FINISHED")
+
+
+def finish_sweep_runs(cfg: ExperimentConfig, parent_run_id: str, status: str) -> None:
+    """End a sweep's parent run and its still-running child runs with `status` (e.g. KILLED)."""
+    client = _client(tracking_uri(cfg))
+    parent = client.get_run(parent_run_id)
+    running = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    children = client.search_runs([parent.info.experiment_id], filter_string=running)
+    for run in [*children, parent]:
+        client.set_terminated(run.info.run_id, status=status)
 
 
 def latest_metrics(cfg: ExperimentConfig, run_id: str) -> tuple[dict[str, float], int]:

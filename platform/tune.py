@@ -10,17 +10,26 @@ carrying `val/pq`), so each Tune result is one evaluation and ASHA compares tria
 equal training steps (`time_attr="step"`: Tune's own iteration counter restarts at 0 after a
 restore).
 
-Resume: the sweep directory `<work_dir>/sweeps/<name>` holds Tune's experiment state; running the
-same sweep again (or `--resume`) restores it with `Tuner.restore`: finished trials are kept,
+Resume: the sweep directory `<work_dir>/sweeps/<name>` holds Tune's experiment state and the sweep's
+resolved definition (search space, Tune settings, base experiment). Running the same sweep again
+(or `--resume`) restores it with `Tuner.restore`: finished trials are kept,
 interrupted ones continue from their Ray Train checkpoint and their own MLflow child run (the Train
 run is named `<sweep>-<trial id>` and keeps its MLflow run id in its run directory), so no trial
-is rerun and no child run is created twice.
+is rerun and no child run is created twice. A sweep whose definition changed is never restored
+under its old state: it is refused, or with `--fresh` started anew in `<name>-2`, `<name>-3`, ...
+(the old one kept); a later run of the same definition finds its directory again.
+
+Console: a trial is named by what it tries (`sweep_config.trial_name`); its lines, its MLflow run
+and its row of the summary table carry that name. Whatever else Ray and Tune print goes to
+`sweep.log` in the sweep directory (`platform/console.py`), and failed trials end the sweep with
+one line each giving their cause.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +41,20 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from maxdeeplab.platform import tracking
-from maxdeeplab.platform.config import ExperimentConfig, work_dir
+from maxdeeplab.platform.config import ExperimentConfig, cache_dir, work_dir
+from maxdeeplab.platform.console import own_lines_only
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
+from maxdeeplab.platform.interrupts import Interrupted, run_interruptibly
 from maxdeeplab.platform.preflight import check_run_prerequisites
+from maxdeeplab.platform.run_lock import DriverLock
 from maxdeeplab.platform.storage import Location
-from maxdeeplab.platform.sweep_config import Sweep, expand_bundles, load_sweep
+from maxdeeplab.platform.sweep_config import Sweep, expand_bundles, load_sweep, trial_name
+from maxdeeplab.platform.sweep_dirs import (
+    DEFINITION_FILE,
+    choose_sweep_dir,
+    sweep_definition,
+)
+from maxdeeplab.platform.sweep_summary import TrialSummary, format_table, trial_id_from_path
 from maxdeeplab.platform.training.launch import prepare_experiment, run_directory, start_ray, train
 from maxdeeplab.platform.training.placement_groups import remove_placement_groups
 
@@ -47,17 +65,7 @@ TRIAL_RESOURCES: dict[str, float] = {
     "memory": 64 * 2**20,
 }  # the trial driver; Train workers bring their own
 PARENT_RUN_FILE = "mlflow_parent_run_id"
-
-
-@dataclass
-class TrialSummary:
-    trial_id: str
-    point: dict[str, Any]
-    metrics: dict[str, float]
-    steps: int
-    wall_s: float
-    status: str
-    run_id: str
+LOG_FILE = "sweep.log"  # what Ray, Tune and MLflow printed (the console keeps our lines)
 
 
 @dataclass
@@ -72,10 +80,6 @@ class SweepResult:
     @property
     def best(self) -> TrialSummary:
         return max(self.trials, key=lambda t: t.metrics.get(tracking.VAL_PQ, -1.0))
-
-
-def sweep_dir(sweep: Sweep) -> Location:
-    return work_dir(sweep.trial_config({})) / "sweeps" / sweep.name
 
 
 def base_config(sweep: Sweep) -> ExperimentConfig:
@@ -121,22 +125,53 @@ def check_resources(sweep: Sweep, cfg: ExperimentConfig) -> None:
         )
 
 
-def run_sweep(path: str | Path, *, resume: bool = False, address: str = "") -> SweepResult:
-    """Run (or resume) every trial of a sweep YAML and return one summary per trial."""
+def run_sweep(
+    path: str | Path, *, resume: bool = False, fresh: bool = False, address: str = ""
+) -> SweepResult:
+    """Run (or resume) every trial of a sweep YAML and return one summary per trial.
+
+    Raises:
+        ConfigError: the sweep is invalid, changed since its state was saved (see
+            `choose_sweep_dir`), or held by another driver.
+        Interrupted: SIGINT/SIGTERM; the parent and running child runs are marked KILLED.
+    """
     sweep = load_sweep(path)  # validated completely before Ray starts
-    directory = sweep_dir(sweep)
     cfg = base_config(sweep)
     check_run_prerequisites(cfg, address)
-    if resume and not tune.Tuner.can_restore(str(directory)):
-        raise ConfigError(f"{sweep.path}: nothing to resume: no sweep state in {directory}")
+    directory = choose_sweep_dir(sweep, resume=resume, fresh=fresh)
+    with DriverLock(directory, f"sweep {directory.name!r}", command=" ".join(sys.argv)):
+        (directory / DEFINITION_FILE).write_text(json.dumps(sweep_definition(sweep), indent=1))
+        return _run_sweep(sweep, cfg, directory, address)
+
+
+def _run_sweep(
+    sweep: Sweep, cfg: ExperimentConfig, directory: Location, address: str
+) -> SweepResult:
+    print("checking the data (the synthetic set is generated on first use)...", flush=True)
     for point in sweep.grid_points():  # data checked (and the synthetic set made) before any trial
         prepare_experiment(sweep.trial_config(point))
     start_ray(address or cfg.resources.address)
-    check_resources(sweep, cfg)
-    parent_id = _parent_run(sweep, cfg, directory)
-    started = time.monotonic()
-    tuner = _tuner(sweep, cfg, directory, parent_id)
-    results = tuner.fit()
+    log_file = _log_file(cfg, directory)
+    print(f"sweep {directory.name}: Ray, Tune and MLflow messages go to {log_file}", flush=True)
+    try:
+        with own_lines_only(log_file):
+            check_resources(sweep, cfg)
+            parent_id = _parent_run(sweep, cfg, directory)
+            started = time.monotonic()
+            tuner = _tuner(sweep, cfg, directory, parent_id)
+            try:
+                results = run_interruptibly(tuner.fit)
+            except Interrupted as exc:
+                tracking.finish_sweep_runs(cfg, parent_id, "KILLED")
+                ray.shutdown()  # ends the trials and their workers
+                raise Interrupted(
+                    f"{exc}: sweep {directory.name} stopped, its MLflow runs marked KILLED; "
+                    f"continue it with `maxdeeplab sweep {sweep.path} --resume`",
+                    exc.exit_code,
+                ) from None
+    finally:
+        if not directory.is_local and log_file.is_file():  # written to the local cache
+            (directory / LOG_FILE).write_bytes(log_file.read_bytes())
     wall = time.monotonic() - started
     summaries = [_summary(sweep, cfg, result) for result in results]
     table = format_table(sweep, summaries)
@@ -149,12 +184,21 @@ def run_sweep(path: str | Path, *, resume: bool = False, address: str = "") -> S
     )
     failed = [s for s in summaries if s.status == "ERROR"]
     if failed:
+        for s in failed:
+            print(f"[{s.name}] failed: {s.error or 'no cause recorded'}", flush=True)
         raise MaXDeepLabError(
-            f"{len(failed)} of {len(summaries)} trials failed "
-            f"({', '.join(s.trial_id for s in failed)});"
-            f" see {directory}"
+            f"{len(failed)} of {len(summaries)} trials failed (causes above); tracebacks in "
+            f"{directory} (error.txt per trial) and Ray's and Tune's messages in {log_file}"
         )
     return SweepResult(sweep, cfg, directory, parent_id, summaries, table)
+
+
+def _log_file(cfg: ExperimentConfig, directory: Location) -> Path:
+    """The sweep's log: in its directory, or in the local cache (copied there at the end) when
+    the directory is in a bucket."""
+    if directory.is_local:
+        return directory.local_path() / LOG_FILE
+    return cache_dir(cfg) / "sweeps" / directory.name / LOG_FILE
 
 
 def _parent_run(sweep: Sweep, cfg: ExperimentConfig, directory: Location) -> str:
@@ -163,7 +207,7 @@ def _parent_run(sweep: Sweep, cfg: ExperimentConfig, directory: Location) -> str
         run_id = marker.read_text().strip()
         tracking.reopen_run(cfg, run_id)
         return run_id
-    run_id = tracking.create_sweep_run(cfg, sweep.name, sweep.path, sweep.search)
+    run_id = tracking.create_sweep_run(cfg, directory.name, sweep.path, sweep.search)
     marker.write_text(run_id)
     return run_id
 
@@ -219,24 +263,70 @@ def run_trial(point: dict[str, Any], *, sweep_path: str, work_root: str, parent_
     """Tune's function trainable: one Ray Train run for one search point.
 
     The Train run is named `<sweep>-<trial id>`; `resume=None` continues it (and its MLflow child
-    run, whose id lives in the run directory) when a restored sweep restarts the trial.
+    run, whose id lives in the run directory) when a restored sweep restarts the trial. The MLflow
+    run and the console lines are named by what the trial tries (`sweep_config.trial_name`).
     """
+    from maxdeeplab.platform.training.progress import CONSOLE_MARKER
+
     sweep = load_sweep(sweep_path)
     cfg = sweep.trial_config(point)
     cfg.tracking.experiment = sweep.name
     cfg.work_dir = work_root  # the driver's: a trial runs in a directory of Tune's choosing
-    train(
-        cfg,
-        run_name=trial_run_name(sweep, tune.get_context().get_trial_id()),
-        resume=None,
-        parent_run_id=parent_id,
-        callbacks=[EvalReportCallback()],
-        preflight=False,  # the sweep's driver checked
-    )
+    trial_id = tune.get_context().get_trial_id()
+    name = trial_name(sweep, point, trial_id)
+    run_name = trial_run_name(sweep, trial_id)
+    # The trial's own lines reach the sweep's console the way the loop's do (marked).
+    print(f"{CONSOLE_MARKER} [{name}] trial {trial_id} started (run {run_name})", flush=True)
+    try:
+        train(
+            cfg,
+            run_name=run_name,
+            resume=None,
+            parent_run_id=parent_id,
+            callbacks=[EvalReportCallback()],
+            preflight=False,  # the sweep's driver checked
+            console_prefix=f"[{name}]",
+            mlflow_tags=trial_tags(sweep, point, trial_id),
+        )
+    except Exception as exc:
+        print(f"{CONSOLE_MARKER} [{name}] failed: {failure_cause(exc)}", flush=True)
+        raise
 
 
 def trial_run_name(sweep: Sweep, trial_id: str) -> str:
+    """The trial's Ray Train run (a directory under `<work_dir>/ray`): stable, for resume."""
     return f"{sweep.name}-{trial_id}"
+
+
+def trial_tags(sweep: Sweep, point: dict[str, Any], trial_id: str) -> dict[str, str]:
+    """The MLflow tags of a trial's run: its name (`<sweep> · <trial name>`), the trial's name
+    alone, its Tune trial id and one `search.<key>` per searched key."""
+    name = trial_name(sweep, point, trial_id)
+    tags = {
+        tracking.RUN_NAME_TAG: f"{sweep.name} · {name}",
+        tracking.TRIAL_TAG: name,
+        tracking.TRIAL_ID_TAG: trial_id,
+    }
+    for key in sweep.search:
+        value = point.get(key)
+        shown = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        tags[tracking.SEARCH_TAG_PREFIX + key] = shown
+    return tags
+
+
+def failure_cause(error: BaseException) -> str:
+    """A failed trial's exception in one line: its type and its message's last line.
+
+    Tune hands the trial's exception back wrapped in Ray's `RayTaskError`, whose text is the
+    remote traceback and whose `cause` is the exception itself.
+    """
+    for _ in range(10):  # wrappers of wrappers, never a cycle
+        cause = getattr(error, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        error = cause
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
 
 
 class TrialCleanup(tune.Callback):
@@ -282,39 +372,12 @@ def _summary(sweep: Sweep, cfg: ExperimentConfig, result: Any) -> TrialSummary:
     point = {k: (result.config or {}).get(k) for k in sweep.search}
     return TrialSummary(
         trial_id=trial_id,
+        name=trial_name(sweep, point, trial_id),
         point=expand_bundles(point),
         metrics={k: v for k, v in metrics.items() if k.startswith("val/")},
         steps=step,
         wall_s=float((result.metrics or {}).get("time_total_s", 0.0)),
         status="ERROR" if result.error else "TERMINATED",
         run_id=run_id,
+        error=failure_cause(result.error) if result.error else "",
     )
-
-
-def trial_id_from_path(path: str) -> str:
-    """Tune names a trial's directory `<trainable>_<trial id>_<index>_<params>_<date>`."""
-    match = re.match(r"run_trial_([0-9a-f]+_\d+)_", Path(path).name)
-    return match.group(1) if match else Path(path).name
-
-
-def format_table(sweep: Sweep, trials: list[TrialSummary]) -> str:
-    """The sweep summary: trial, varied keys, PQ, PQ_th, PQ_st, steps, wall time."""
-    varied = sorted({k for t in trials for k in t.point})
-    header = ["trial", *varied, "PQ", "PQ_th", "PQ_st", "steps", "wall (s)", "status"]
-    rows = []
-    for t in sorted(trials, key=lambda t: -t.metrics.get(tracking.VAL_PQ, -1.0)):
-        pq = [
-            t.metrics.get(k)
-            for k in (tracking.VAL_PQ, tracking.VAL_PQ_THING, tracking.VAL_PQ_STUFF)
-        ]
-        rows.append(
-            [t.trial_id, *(str(t.point.get(k, "")) for k in varied)]
-            + [f"{100 * v:.1f}" if v is not None else "-" for v in pq]
-            + [str(t.steps), f"{t.wall_s:.0f}", t.status]
-        )
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    lines = [
-        " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
-    ]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return f"sweep {sweep.name}: {len(trials)} trials\n" + "\n".join(lines)

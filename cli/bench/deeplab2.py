@@ -42,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from maxdeeplab.models.strides import is_valid_crop_size
     from maxdeeplab.platform.errors import ConfigError
 
-    if not args.env or not (Path(args.env) / "activate.sh").is_file():
+    if not args.env or not (Path(args.env) / "venv" / "bin" / "python").is_file():
         raise ConfigError(
-            f"--env {args.env!r}: not a deeplab2 reference environment; build one with "
-            "scripts/deeplab2_env.sh and pass it or set DEEPLAB2_ENV"
+            f"--env {args.env!r}: not a deeplab2 reference environment (no venv/bin/python); "
+            "build one with scripts/deeplab2_env.sh and pass it or set DEEPLAB2_ENV"
         )
     if not is_valid_crop_size(args.crop) or args.batch < 1 or args.steps < 1:
         raise ConfigError("--crop must be 16k+1, --batch and --steps >= 1")
@@ -63,14 +63,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def reference_command(env_dir: Path, script_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The argument list and environment that run SCRIPT in the deeplab2 reference environment.
+
+    What ENV_DIR/activate.sh (written by scripts/deeplab2_env.sh) sets, without a shell: paths
+    stay single arguments, whatever characters they hold.
+    """
+    venv = env_dir / "venv"
+    env = dict(os.environ, VIRTUAL_ENV=str(venv), TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), os.environ.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(env_dir / "src"), os.environ.get("PYTHONPATH", "")) if p
+    )
+    return [str(venv / "bin" / "python"), str(SCRIPT), *script_args], env
+
+
 def _time_deeplab2(args: argparse.Namespace) -> float:
     from maxdeeplab.platform.errors import MaXDeepLabError
 
-    command = (
-        f'source "{args.env}/activate.sh" && python "{SCRIPT}" --crop {args.crop} '
-        f"--batch {args.batch} --steps {args.steps} --threads {args.threads}"
+    argv, env = reference_command(
+        Path(args.env),
+        ["--crop", str(args.crop), "--batch", str(args.batch), "--steps", str(args.steps)]
+        + ["--threads", str(args.threads)],
     )
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=False)
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -93,7 +109,7 @@ def _time_ours(args: argparse.Namespace) -> float:
     model = build_model(cfg).train()
     optimizer = build_optimizer(*parameter_groups(model), OptimConfig())
     images = torch.rand(args.batch, 3, args.crop, args.crop) * 255.0
-    targets = _targets(args.crop, args.batch)
+    targets = race_targets(args.crop, args.batch)
 
     def step() -> None:
         losses = compute_losses(
@@ -112,7 +128,7 @@ def _time_ours(args: argparse.Namespace) -> float:
     return statistics.median(times)
 
 
-def _targets(crop: int, batch: int) -> Any:
+def race_targets(crop: int, batch: int) -> Any:
     """Two stuff classes (halves) and eight thing boxes of four classes, every image the same."""
     import torch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size", type=int, nargs=2, default=(321, 321), metavar=("H", "W"), help="image size"
     )
     syn.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    syn.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty OUT, replacing its annotations/, train2017/ and val2017/",
+    )
     syn.set_defaults(data_run=run_synthetic)
 
     check = sub.add_parser(
@@ -49,6 +55,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         raise DataError(f"--train and --val must be >= 0 (got {args.train}, {args.val})")
     if height < 16 or width < 16:
         raise DataError(f"--size must be at least 16 16 (got {height} {width})")
+    _make_room(Path(args.out), overwrite=args.overwrite)
     start = time.perf_counter()
     with tqdm(total=args.train + args.val, unit="img", disable=None) as bar:
         root = generate_synthetic(
@@ -66,6 +73,27 @@ def run_synthetic(args: argparse.Namespace) -> int:
         f"to {root} in {seconds:.1f} s"
     )
     return 0
+
+
+def _make_room(out: Path, *, overwrite: bool) -> None:
+    """Refuse a non-empty `out` unless `overwrite`; then clear what the generator writes.
+
+    Raises:
+        DataError: `out` is a file, or a non-empty folder without --overwrite.
+    """
+    import shutil
+
+    from maxdeeplab.platform.data.synthetic import SPLITS
+    from maxdeeplab.platform.errors import DataError
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"{out}: folder is not empty; choose another OUT or pass --overwrite")
+    for name in ("annotations", *SPLITS):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def run_check(args: argparse.Namespace) -> int:

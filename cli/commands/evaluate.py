@@ -55,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
             f"warning: {len(evaluation.missing_predictions)} of {evaluation.num_images} images had "
             "no prediction and were counted as all false negatives"
         )
+    if evaluation.unmatched_predictions:
+        print(
+            f"warning: {len(evaluation.unmatched_predictions)} predicted images are not in the "
+            f"ground truth and were ignored (first: {evaluation.unmatched_predictions[0]!r})"
+        )
     if args.out:
         meta = {
             "mode": "crowd_as_void" if args.crowd_as_void else "official",

@@ -28,27 +28,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from importlib.resources import as_file, files
 
-    from maxdeeplab.cli.commands.sweep import write_plots
     from maxdeeplab.platform.sweep_config import load_sweep
-    from maxdeeplab.platform.tune import base_config, run_sweep, sweep_dir
 
     with as_file(files("maxdeeplab") / "experiments" / "quickstart") as packaged:
         path = args.sweep or str(packaged / "sweep.yaml")
         sweep = load_sweep(path)
-        cfg = base_config(sweep)
+        cfg = sweep.trial_config({})
         print(
             f"quickstart: {sweep.num_trials} trials of {cfg.model.variant} at crop "
             f"{cfg.data.crop_size}, {cfg.train.steps} steps each, on the synthetic dataset "
-            f"(work dir {cfg.work_dir})"
+            f"(work dir {cfg.work_dir})",
+            flush=True,
         )
         if args.check:
             print(f"sweep {path}: valid")
             return 0
+        # Ray Tune takes seconds to load: only now that the first line is out.
+        from maxdeeplab.cli.commands.sweep import write_plots
+        from maxdeeplab.platform.sweep_dirs import sweep_dir
+        from maxdeeplab.platform.tune import run_sweep
+
         if args.fresh:
             sweep_dir(sweep).remove_tree()
         result = run_sweep(path)
     write_plots(result)
     best = result.best
-    print(f"best trial {best.trial_id}: PQ {100 * best.metrics.get('val/pq', 0.0):.1f}")
+    print(f"best trial {best.name}: PQ {100 * best.metrics.get('val/pq', 0.0):.1f}")
     print(f"open the dashboard: maxdeeplab dashboard --work-dir {cfg.work_dir}")
     return 0

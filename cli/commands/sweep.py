@@ -1,7 +1,8 @@
-"""`maxdeeplab sweep SWEEP.yaml [--resume] [--address ADDR]`: a Ray Tune sweep, tracked in MLflow.
+"""`maxdeeplab sweep SWEEP.yaml [--resume | --fresh] [--address ADDR]`: a Ray Tune sweep in MLflow.
 
-Prints the summary table (trial, varied keys, PQ, PQ_th, PQ_st, steps, wall time) and writes the
-sweep's plots to `<work_dir>/sweeps/<name>/plots` (also logged to the parent MLflow run).
+Prints each trial's progress lines under its name, then the summary table (trial, PQ, PQ_th, PQ_st,
+steps, wall time, status) and writes the sweep's plots to `<work_dir>/sweeps/<name>/plots` (also
+logged to the parent MLflow run). Ray's and Tune's own messages go to the sweep's `sweep.log`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue the sweep's saved state (also automatic when its directory exists)",
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start the sweep anew in a new directory (the old one is kept); needed when the "
+        "sweep YAML changed since the sweep of this name ran",
+    )
     parser.add_argument("--address", default="", help="Ray cluster (default: RAY_ADDRESS or local)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from maxdeeplab.platform.sweep_config import load_sweep
+
+    sweep = load_sweep(args.sweep)  # a bad sweep fails here, before Ray is loaded (seconds)
+    searched = ", ".join(sweep.search) or "no key"
+    print(
+        f"sweep {sweep.name}: {sweep.num_trials} trials over {searched}; loading Ray Tune...",
+        flush=True,
+    )
     from maxdeeplab.platform.tune import run_sweep
 
-    result = run_sweep(args.sweep, resume=args.resume, address=args.address)
+    result = run_sweep(args.sweep, resume=args.resume, fresh=args.fresh, address=args.address)
     write_plots(result)
     return 0
 

@@ -61,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
         if path is None:
             raise ConfigError("train: give an experiment YAML (or --resume RUN)")
         cfg = load_experiment(path, overrides)
+    what = f"resuming run {run_name}" if args.resume else f"training {cfg.name}"
+    print(
+        f"{what}: {cfg.model.variant}, {cfg.train.steps} steps on {cfg.resources.num_workers} "
+        f"worker(s) (work dir {cfg.work_dir})",
+        flush=True,
+    )
     outcome = train(
         cfg,
         run_name=run_name,

@@ -3,15 +3,17 @@
 The samplers subclass `DistributedSampler`, so `prepare_data_loader` keeps them (it only replaces a
 sampler that is not one) and merely adds the device transfer; the loader keeps its worker
 processes, pinned memory and persistent workers. `EpochSampler` makes the data a function of
-(seed, epoch, position): each rank reads its shard of a seeded permutation, the keys it yields carry
-the epoch to the worker processes, and `set_position` resumes inside an epoch. `ShardSampler`
+(seed, epoch, position): each rank reads its shard of a seeded permutation, epoch after epoch
+without end, the keys it yields carry the epoch to the worker processes, and `set_position` resumes
+anywhere in the stream. Batches are cut from that stream as deeplab2 does (`repeat()` then
+`batch()`, deeplab2/data/dataloader/input_reader.py): a batch may span two epochs, so a dataset
+smaller than the batch still trains. `ShardSampler`
 splits the evaluation set without the padding duplicates of `DistributedSampler` (they would be
 counted twice by PQ).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,10 @@ def world() -> tuple[int, int]:
 
 
 class EpochSampler(DistributedSampler):
-    """This rank's shard of a per-epoch seeded permutation, yielding `epoch * N + index` keys.
+    """This rank's endless stream: its shard of epoch 0's seeded permutation, then epoch 1's, ...
 
-    Call `set_epoch(e)` before each epoch (as with DistributedSampler) and `set_position(k)` to
-    start an epoch at its k-th sample of this rank (resuming); the position resets after one pass.
+    It yields `epoch * N + index` keys (N = len(dataset)). `set_position(p)` starts the next
+    iteration at the p-th sample of this rank's stream (resuming); `set_epoch` is not needed.
     """
 
     def __init__(
@@ -65,6 +67,8 @@ class EpochSampler(DistributedSampler):
             seed=seed,
             drop_last=drop_last,
         )
+        if self.num_samples == 0:
+            raise ValueError("the training set is empty")
         self.position = 0
 
     def set_position(self, position: int) -> None:
@@ -72,9 +76,12 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         size = len(self.dataset)  # type: ignore[arg-type]
-        indices = list(super().__iter__())[self.position :]
-        self.position = 0
-        return iter([self.epoch * size + i for i in indices])
+        epoch, offset = divmod(self.position, self.num_samples)
+        while True:
+            self.set_epoch(epoch)  # DistributedSampler permutes with seed + epoch
+            for i in list(super().__iter__())[offset:]:
+                yield epoch * size + i
+            epoch, offset = epoch + 1, 0
 
 
 class ShardSampler(DistributedSampler):
@@ -157,23 +164,18 @@ def loader_sampler(loader: Any) -> DistributedSampler:
 
 
 def iterate_from(loader: Any, start_step: int = 0) -> Iterator[Any]:
-    """Endless training batches starting at global step `start_step` (exact resume).
+    """Endless training batches starting at this rank's batch `start_step` (exact resume).
 
-    Epoch e covers steps [e * B, (e + 1) * B) with B = len(loader) batches per epoch, so step s
-    is batch s mod B of epoch s // B; the sampler is told both.
+    Batch k holds samples [k * b, (k + 1) * b) of the rank's sample stream (b = the loader's
+    batch size), whatever epochs they belong to, so batch s is the same whether iteration starts
+    at 0 or at s.
     """
-    batches_per_epoch = len(loader)
-    if batches_per_epoch == 0:
-        raise ValueError("the training loader has no full batch (fewer images than the batch)")
+    inner = getattr(loader, "_dataloader", loader)
     sampler = loader_sampler(loader)
-    epoch, skip = divmod(start_step, batches_per_epoch)
-    batch_size = getattr(getattr(loader, "_dataloader", loader), "batch_size", 1) or 1
-    while True:
-        sampler.set_epoch(epoch)
-        if skip and isinstance(sampler, EpochSampler):
-            sampler.set_position(skip * batch_size)
-        yield from loader
-        epoch, skip = epoch + 1, 0
+    if not isinstance(sampler, EpochSampler):
+        raise TypeError("iterate_from needs a training loader (build_loader(train=True))")
+    sampler.set_position(start_step * (inner.batch_size or 1))
+    yield from loader
 
 
 def resolve_data_root(data_cfg: DataConfig, cache_dir: str | Path) -> Path:
@@ -218,8 +220,3 @@ def build_eval_dataset(data_cfg: DataConfig, *, cache_dir: str | Path) -> Panopt
     return PanopticEvalDataset(
         split, EvalTransform(data_cfg.crop_size), skip_corrupt=data_cfg.skip_corrupt
     )
-
-
-def batches_per_epoch(num_images: int, batch_size: int, num_replicas: int) -> int:
-    """Full batches per epoch on each rank (what `len(loader)` gives for a train loader)."""
-    return math.ceil(num_images / num_replicas) // batch_size

@@ -15,6 +15,8 @@ Differences from panopticapi, all on input it would mishandle:
 - a GT image with no prediction annotation counts as all false negatives (its non-crowd GT
   segments, from the JSON, no PNG needed) and is reported (`missing_predictions`, a warning)
   instead of stopping the run. Predictions for images not in the GT are ignored and reported too.
+  When no predicted image id matches the GT at all, `EvaluationError` says so (the ids are from
+  another numbering, e.g. file stems) instead of reporting a PQ of 0.
 - more checks raise `EvaluationError` naming the image and segment: duplicate image ids, an unknown
   GT category, and (numpy engine) a GT segment missing from its PNG or the reverse.
 - a group with no category (e.g. no stuff at all) reports 0.0 with n = 0 instead of dividing by
@@ -221,6 +223,8 @@ def evaluate_files(
             missing.append(image_id)
             _add_missing_as_fn(stat, gt_ann)
     unmatched = [i for i in pred_by_id if i not in gt_by_id]
+    if gt_by_id and not pairs:
+        _raise_no_match(gt_json, pred_json, list(gt_by_id), unmatched)
     if missing:
         log.warning(
             "%d ground-truth images have no prediction: counted as all false negatives (first: %s)",
@@ -254,6 +258,18 @@ def evaluate_files(
         )
     stat.load_state(stat.state + state)
     return FileEvaluation(stat, stat.compute(), len(gt_by_id), missing, unmatched, engine)
+
+
+def _raise_no_match(
+    gt_json: str | Path, pred_json: str | Path, gt_ids: list[Any], pred_ids: list[Any]
+) -> None:
+    """No prediction is for a ground-truth image: a PQ of 0 would hide a wrong pairing."""
+    if not pred_ids:
+        raise EvaluationError(f"{pred_json}: no prediction annotations to evaluate")
+    raise EvaluationError(
+        f"{pred_json}: no predicted image id matches {gt_json} (predicted e.g. {pred_ids[0]!r}, "
+        f"ground truth e.g. {gt_ids[0]!r}); write predictions with `maxdeeplab predict --gt-json`"
+    )
 
 
 def resolve_engine(engine: str, *, crowd_as_void: bool) -> str:

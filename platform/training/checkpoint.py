@@ -7,12 +7,23 @@ data order and augmentation (`EpochSampler` + the dataset's (seed, epoch, index)
 per-step torch RNG (`loop.seed_step`). The RNG state at save time is therefore not stored: it is
 rebuilt from the step.
 
-Ray Train persists the directory (`ray.train.Checkpoint.from_directory`) and hands the latest one
-back through `ray.train.get_checkpoint()` after a failure or `train --resume`.
+Ray Train persists the directory (`ray.train.Checkpoint.from_directory`) as `checkpoint_<step>/` in
+the run directory. A checkpoint is trusted only as far as it can be checked
+(docs/architecture.md#checkpoints): it is written only when every tensor in it is finite, its
+`manifest.json` (each file's size and SHA-256, computed by reading the written files back) is
+written last, and a resumed run takes the newest checkpoint that matches its manifest, reporting
+every newer one it skips. Files load with `torch.load(weights_only=True)`: a checkpoint is data,
+never code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import re
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from maxdeeplab.platform.errors import ConfigError
+from maxdeeplab.platform.errors import CheckpointError, ConfigError
+from maxdeeplab.platform.storage import Location
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"  # the weights alone, for `predict` and the MLflow artifact
+MANIFEST_FILE = "manifest.json"  # written last: a checkpoint without it is incomplete
 FORMAT_VERSION = 1
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:-r(\d+))?$")
 
 
 @dataclass
@@ -50,25 +64,35 @@ def save_checkpoint(
     state: TrainingState,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `state.pt` (everything) and `model.pt` (weights only) into `directory`.
+    """Write `state.pt` (everything), `model.pt` (the weights) and `manifest.json` to `directory`.
 
     Args:
         directory: an existing, empty directory.
         model: the model, DDP-wrapped or not.
         optimizer: the optimiser.
         state: the next step and the counters.
-        extra: small picklable metadata (e.g. the MLflow run id).
+        extra: small metadata of plain types (e.g. the MLflow run id).
 
     Returns:
         The directory.
+
+    Raises:
+        CheckpointError: a tensor of the model or the optimiser is not finite (nothing is written).
     """
     directory = Path(directory)
     weights = unwrap(model).state_dict()
+    optimizer_state = optimizer.state_dict()
+    bad = non_finite_tensors({"model": weights, "optimizer": optimizer_state["state"]})
+    if bad:
+        raise CheckpointError(
+            f"the checkpoint of step {state.step} was not written: {len(bad)} tensors are not "
+            f"finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        )
     torch.save(
         {
             "format_version": FORMAT_VERSION,
             "model": weights,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "step": state.step,
             "bad_steps_in_a_row": state.bad_steps_in_a_row,
             "bad_steps_total": state.bad_steps_total,
@@ -77,7 +101,141 @@ def save_checkpoint(
         directory / STATE_FILE,
     )
     torch.save(weights, directory / MODEL_FILE)
+    # Hash what is on disk, not what was meant to be: this reads every written byte back.
+    files = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in (STATE_FILE, MODEL_FILE)
+    }
+    manifest = {"format_version": FORMAT_VERSION, "step": state.step, "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return directory
+
+
+def non_finite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """The names (`a/b/c`) of the floating-point tensors in nested dicts/lists that hold NaN/inf."""
+    if isinstance(tree, torch.Tensor):
+        finite = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+        return [] if finite else [prefix or "tensor"]
+    items: Any = ()
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    return [
+        name
+        for key, value in items
+        for name in non_finite_tensors(value, f"{prefix}/{key}".lstrip("/"))
+    ]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a checkpoint to resume from
+
+
+def checkpoint_step(location: Location) -> int | None:
+    """The step of a `checkpoint_<step>` (or `checkpoint_<step>-r<k>`) folder; None otherwise."""
+    match = _CHECKPOINT_NAME.match(location.name)
+    return int(match.group(1)) if match else None
+
+
+def stored_checkpoints(run_dir: Location) -> list[Location]:
+    """The run's checkpoint folders, newest step first (a rewritten step: the later one first)."""
+
+    def order(location: Location) -> tuple[int, int]:
+        match = _CHECKPOINT_NAME.match(location.name)
+        assert match is not None
+        return int(match.group(1)), int(match.group(2) or 0)
+
+    found = [d for d in run_dir.list_dirs() if checkpoint_step(d) is not None]
+    return sorted(found, key=order, reverse=True)
+
+
+def checkpoint_dir_name(step: int, generation: int) -> str:
+    """`checkpoint_<step>`; after resuming past corrupt checkpoints `-r<generation>` keeps the
+    names of the steps replayed apart from the corrupt folders, which Ray Train still lists."""
+    return f"checkpoint_{step:09d}" + (f"-r{generation}" if generation else "")
+
+
+def next_generation(run_dir: Location) -> int:
+    """The `-r<k>` suffix for checkpoints written after skipping corrupt ones: one past any used."""
+    used = [_CHECKPOINT_NAME.match(d.name) for d in stored_checkpoints(run_dir)]
+    return 1 + max((int(m.group(2) or 0) for m in used if m), default=0)
+
+
+def verify_checkpoint(location: Location, *, hashes: bool = True) -> None:
+    """Check a stored checkpoint against its manifest (sizes; with `hashes` also SHA-256).
+
+    Raises:
+        CheckpointError: the manifest or a file is missing, or a size or hash differs.
+    """
+    manifest_file = location / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{location}: incomplete (no {MANIFEST_FILE})") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{manifest_file}: unreadable manifest") from None
+    for name, expected in files.items():
+        size = (location / name).size()
+        if size != expected["bytes"]:
+            found = "missing" if size < 0 else f"{size} bytes, expected {expected['bytes']}"
+            raise CheckpointError(f"{location / name}: {found}")
+        if (
+            hashes
+            and hashlib.sha256((location / name).read_bytes()).hexdigest() != expected["sha256"]
+        ):
+            raise CheckpointError(f"{location / name}: SHA-256 differs from its manifest")
+
+
+def latest_good_checkpoint(
+    run_dir: Location, *, hashes: bool = True, report: Callable[[str], None] | None = None
+) -> Location | None:
+    """The newest checkpoint of the run that passes `verify_checkpoint` (None if there is none).
+
+    Every newer one that fails is passed to `report` as a one-line message with its path.
+
+    Raises:
+        CheckpointError: the run has checkpoints but none of them is intact.
+    """
+    stored = stored_checkpoints(run_dir)
+    problems = []
+    for location in stored:
+        try:
+            verify_checkpoint(location, hashes=hashes)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            if report is not None:
+                report(f"skipping a corrupt checkpoint: {exc}")
+            continue
+        return location
+    if stored:
+        raise CheckpointError(
+            f"none of the {len(stored)} checkpoints in {run_dir} is intact ({problems[0]}); "
+            "start a new run, or restore a checkpoint folder from a backup"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def local_copy(location: Location) -> Iterator[Path]:
+    """The checkpoint folder on this machine: itself when local, else a temporary download."""
+    if location.is_local:
+        yield location.local_path()
+        return
+    with tempfile.TemporaryDirectory(prefix="maxdeeplab-resume-") as scratch:
+        for name in (STATE_FILE, MODEL_FILE, MANIFEST_FILE):
+            if (location / name).is_file():
+                (Path(scratch) / name).write_bytes((location / name).read_bytes())
+        yield Path(scratch)
 
 
 def load_checkpoint(
@@ -89,8 +247,17 @@ def load_checkpoint(
     """Restore the model (and optimiser) from `directory`; return the loop state and the metadata.
 
     Call before wrapping the model in DDP and after the optimiser is built over its parameters.
+
+    Raises:
+        CheckpointError: `state.pt` cannot be read as a checkpoint (truncated, not one of ours, or
+            a pickle that would run code: only tensors and plain types load).
     """
-    saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    path = Path(directory) / STATE_FILE
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
     unwrap(model).load_state_dict(saved["model"])
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])

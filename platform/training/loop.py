@@ -14,8 +14,14 @@ Distribution. The global batch `train.batch_size` is split across the workers; w
 hold its share in one pass (`train.micro_batch_size`), gradients accumulate over several passes (DDP
 synchronises only on the last). SyncBatchNorm replaces BatchNorm on multi-GPU runs; PyTorch's
 SyncBatchNorm has no CPU implementation, so CPU workers normalise per worker. bf16 autocast on GPU,
-fp32 on CPU. Non-finite losses: every rank skips the update together (the flag is all-reduced); too
-many in a row stop the run (`TrainingDiverged`), keeping the last good checkpoint.
+fp32 on CPU. Non-finite losses: every rank skips the update together (the flag is all-reduced) and
+the model stays as it was; too many in a row stop the run (`TrainingDiverged`), keeping the last
+good checkpoint (only finite checkpoints are written).
+
+Faults (docs/architecture.md#faults). A restart resumes from the newest intact checkpoint in the run
+directory, skipping (and naming) corrupt ones. An error a restart cannot fix (`PERMANENT_ERRORS`:
+config, data, a corrupt checkpoint) is recorded in the status file before it propagates; the next
+attempt reads it and ends at once, so Ray Train's retries cost seconds and the driver reports it.
 """
 
 from __future__ import annotations
@@ -44,13 +50,17 @@ from maxdeeplab.platform.data.loader import (
     build_train_dataset,
     iterate_from,
 )
-from maxdeeplab.platform.errors import MaXDeepLabError
+from maxdeeplab.platform.errors import CheckpointError, ConfigError, DataError, MaXDeepLabError
 from maxdeeplab.platform.storage import Location
 from maxdeeplab.platform.training.checkpoint import (
     MODEL_FILE,
     TrainingState,
+    checkpoint_dir_name,
+    latest_good_checkpoint,
     load_checkpoint,
     load_initial_weights,
+    local_copy,
+    next_generation,
     save_checkpoint,
     unwrap,
 )
@@ -73,6 +83,11 @@ class TrainingDiverged(MaXDeepLabError):
     """The loss was non-finite for more than `train.max_bad_steps` steps in a row."""
 
 
+# Errors that another attempt would meet again (unlike a lost node, or storage or a tracking
+# server that does not answer for a while): recorded, and not retried.
+PERMANENT_ERRORS: tuple[type[MaXDeepLabError], ...] = (ConfigError, DataError, CheckpointError)
+
+
 @dataclass
 class LoopOptions:
     """What the launcher passes to every worker besides the experiment config.
@@ -84,6 +99,7 @@ class LoopOptions:
         tracking_uri: MLflow store; rank 0 logs into `mlflow_run_id` (None: no tracking).
         crash_at_step: fault injection for tests: the first worker group to reach this step
             exits abruptly (a marker file in `run_dir` keeps the restarted group alive).
+        console_prefix: put before each console line (a sweep's trial name: whose line it is).
     """
 
     experiment: ExperimentConfig
@@ -91,6 +107,7 @@ class LoopOptions:
     tracking_uri: str = ""
     mlflow_run_id: str | None = None
     crash_at_step: int | None = None
+    console_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,15 @@ class WorkerContext:
     logger: tracking.RunLogger | None = None
 
 
+@dataclass
+class Resumed:
+    """Where this attempt starts: the loop state and the suffix of the checkpoint names it writes
+    (non-zero after skipping corrupt checkpoints, `checkpoint.checkpoint_dir_name`)."""
+
+    state: TrainingState
+    generation: int = 0
+
+
 def train_loop_per_worker(options: LoopOptions) -> None:
     """The Ray Train worker function (`TorchTrainer(train_loop_per_worker, ...)`)."""
     import ray.train
@@ -143,11 +169,20 @@ def train_loop_per_worker(options: LoopOptions) -> None:
         run_dir=options.run_dir,
         mlflow_run_id=options.mlflow_run_id,
         crash_at_step=options.crash_at_step,
-        console=console_logger() if rank == 0 else None,
+        console=console_logger(options.console_prefix) if rank == 0 else None,
         logger=logger,
     )
     try:
+        earlier = read_status(Location(options.run_dir))
+        if earlier.get("status") == "error":
+            # An earlier attempt of this fit() hit an error that a restart cannot fix: end at
+            # once, and the driver reports it (no collective has started, so every rank returns).
+            return
         _run(ctx)
+    except PERMANENT_ERRORS as exc:
+        record = {"status": "error", "message": str(exc), "type": type(exc).__name__}
+        (Location(options.run_dir) / STATUS_FILE).write_text(json.dumps(record))
+        raise
     finally:
         if logger is not None:
             logger.close()
@@ -163,7 +198,8 @@ def _run(ctx: WorkerContext) -> None:
     # --- model and optimiser
     network = _build_network(ctx, info.num_classes)
     optimizer = build_optimizer(*parameter_groups(network), cfg.optim)
-    state = _resume(ctx, network, optimizer)
+    resumed = _resume(ctx, network, optimizer)
+    state = resumed.state
     model: nn.Module = network
     if ctx.world_size > 1:
         model = ray.train.torch.prepare_model(network, move_to_device=False)
@@ -205,7 +241,9 @@ def _run(ctx: WorkerContext) -> None:
         if state.step % cfg.eval.interval == 0 or done:
             metrics.update(_evaluate(ctx, model, eval_loader, info, state.step, final=done))
         if state.step % cfg.train.checkpoint_interval == 0 or done:
-            _report(ctx, metrics, state, model, optimizer, final=done)
+            _report(
+                ctx, metrics, state, model, optimizer, final=done, generation=resumed.generation
+            )
         elif state.step % cfg.eval.interval == 0:
             ray.train.report({**metrics, "step": state.step})  # for Tune schedulers
         meter.exclude(time.perf_counter() - paused)
@@ -264,20 +302,29 @@ def _build_network(ctx: WorkerContext, num_classes: int) -> MaXDeepLab:
     return network
 
 
-def _resume(
-    ctx: WorkerContext, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> TrainingState:
-    """Load Ray Train's latest checkpoint, if any, into `model` and `optimizer`; its position."""
-    import ray.train
+def _resume(ctx: WorkerContext, model: nn.Module, optimizer: torch.optim.Optimizer) -> Resumed:
+    """Load the run's newest intact checkpoint, if any, into `model` and `optimizer`.
 
-    resumed = ray.train.get_checkpoint()
-    if resumed is None:
-        return TrainingState()
-    with resumed.as_directory() as directory:
+    The run directory is read rather than `ray.train.get_checkpoint()` (Ray's latest), so that a
+    corrupt latest checkpoint is skipped for the one before it. Every rank decides the same way.
+
+    Raises:
+        CheckpointError: the run has checkpoints but none is intact or loadable.
+    """
+    run_dir = Location(ctx.run_dir)
+    skipped: list[str] = []
+    location = latest_good_checkpoint(run_dir, report=skipped.append) if ctx.run_dir else None
+    if location is None:
+        return Resumed(TrainingState())
+    with local_copy(location) as directory:
         state, _ = load_checkpoint(directory, model=model, optimizer=optimizer)
     if ctx.console:
-        ctx.console.info("%s resuming at step %d", CONSOLE_MARKER, state.step)
-    return state
+        for line in skipped:
+            ctx.console.warning("%s %s", CONSOLE_MARKER, line)
+        ctx.console.info(
+            "%s resuming at step %d from %s", CONSOLE_MARKER, state.step, location.name
+        )
+    return Resumed(state, next_generation(run_dir) if skipped else 0)
 
 
 def _evaluate(
@@ -325,28 +372,41 @@ def _report(
     optimizer: torch.optim.Optimizer,
     *,
     final: bool,
+    generation: int,
 ) -> None:
-    """`ray.train.report` with a checkpoint (a barrier: every rank calls it; rank 0 saves)."""
+    """`ray.train.report` with a checkpoint (a barrier: every rank calls it; rank 0 saves).
+
+    A model or optimiser state with a non-finite tensor is not saved: the report goes without a
+    checkpoint, and the previous (finite) one stays the run's latest.
+    """
     import ray.train
 
     directory = tempfile.mkdtemp(prefix="maxdeeplab-ckpt-")
     try:
         checkpoint = None
         if ctx.rank == 0:
-            save_checkpoint(
-                directory,
-                model=model,
-                optimizer=optimizer,
-                state=state,
-                extra={"mlflow_run_id": ctx.mlflow_run_id},
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            try:
+                save_checkpoint(
+                    directory,
+                    model=model,
+                    optimizer=optimizer,
+                    state=state,
+                    extra={"mlflow_run_id": ctx.mlflow_run_id},
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            except CheckpointError as exc:
+                if ctx.console:
+                    ctx.console.warning("%s %s; the last good one is kept", CONSOLE_MARKER, exc)
         ray.train.report(
             {**metrics, "step": state.step},
             checkpoint=checkpoint,
-            checkpoint_dir_name=f"checkpoint_{state.step:09d}",
+            checkpoint_dir_name=checkpoint_dir_name(state.step, generation),
         )
-        if final and ctx.logger is not None:
+        if checkpoint is not None and ctx.console:
+            ctx.console.info(
+                "%s checkpoint of step %d saved and verified", CONSOLE_MARKER, state.step
+            )
+        if final and checkpoint is not None and ctx.logger is not None:
             ctx.logger.log_artifact(Path(directory) / MODEL_FILE, "checkpoint")
     finally:
         shutil.rmtree(directory, ignore_errors=True)

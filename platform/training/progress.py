@@ -27,6 +27,13 @@ if TYPE_CHECKING:  # for annotations only: loop.py imports this module
 CONSOLE_MARKER = "[maxdeeplab]"  # the launcher shows only worker lines carrying it (Ray noise)
 
 
+def marked_text(line: str) -> str | None:
+    """What a console line of the loop says (the text after the marker), else None."""
+    if CONSOLE_MARKER not in line:
+        return None
+    return line.split(CONSOLE_MARKER, 1)[1][1:]  # "<marker> <text>": the marker and its space
+
+
 def log_evaluation(
     evaluation: EvalResult,
     step: int,
@@ -52,7 +59,7 @@ def log_evaluation(
     if final:
         for line in (table + "\n\n" + per_class).splitlines():
             console.info("%s %s", CONSOLE_MARKER, line)
-    if logger is not None:
+    if logger is not None and not logger.is_replay(tracking.VAL_PQ, step):
         logger.log_metrics(m, step=step)
         logger.log_text(f"{table}\n\n{per_class}\n", f"pq/step_{step:09d}.txt")
         for index, image in enumerate(evaluation.visualizations):
@@ -132,13 +139,32 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def console_logger() -> logging.Logger:
-    """Rank 0's progress logger, printing plain lines to stdout whatever Ray configured."""
+def console_logger(prefix: str = "") -> logging.Logger:
+    """Rank 0's progress logger, printing plain lines to stdout whatever Ray configured.
+
+    Args:
+        prefix: follows the marker on every line (`[maxdeeplab] [lr=0.002] step ...`): a sweep
+            names the trial each line comes from.
+    """
     console = logging.getLogger("maxdeeplab.progress")
     if not console.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        console.addHandler(handler)
+        console.addHandler(logging.StreamHandler())
         console.setLevel(logging.INFO)
         console.propagate = False
+    for handler in console.handlers:  # one process may run several runs (Ray Train local mode)
+        handler.setFormatter(_PrefixFormatter(prefix))
     return console
+
+
+class _PrefixFormatter(logging.Formatter):
+    """`[maxdeeplab] step ...` -> `[maxdeeplab] <prefix> step ...` (launch.py drops the marker)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__("%(message)s")
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.prefix:
+            return text
+        return text.replace(CONSOLE_MARKER, f"{CONSOLE_MARKER} {self.prefix}", 1)

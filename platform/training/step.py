@@ -93,10 +93,14 @@ def train_step(
 
     Returns:
         The per-term losses (detached, on `device`) and whether the update was applied: it is
-        skipped on every rank when any rank's loss is not finite.
+        skipped on every rank when any rank's loss is not finite, and then the model (parameters
+        and buffers) is exactly as it was before the step.
     """
     lr = set_learning_rate(optimizer, step, cfg.optim, cfg.train.steps)
     optimizer.zero_grad(set_to_none=True)
+    # The forward pass in train mode updates BatchNorm's running statistics before the loss is
+    # known; a skipped step must leave them as they were, or one NaN batch poisons them for good.
+    buffers_before = {name: b.detach().clone() for name, b in model.named_buffers()}
     channels_last = cfg.train.channels_last and device.type == "cuda"
     sums = {key: torch.zeros((), device=device) for key in LOSS_KEYS}
     passes = len(micro_batches)
@@ -120,8 +124,17 @@ def train_step(
     applied = bool(finite.item())
     if applied:
         optimizer.step()
+    else:
+        restore_buffers(model, buffers_before)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(losses=sums, applied=applied, lr=lr)
+
+
+@torch.no_grad()
+def restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy `saved` (from `named_buffers`) back into the model's buffers, in place."""
+    for name, buffer in model.named_buffers():
+        buffer.copy_(saved[name])
 
 
 def step_once(

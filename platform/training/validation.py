@@ -24,7 +24,7 @@ from maxdeeplab.platform.config import ExperimentConfig
 from maxdeeplab.platform.data.coco import DatasetInfo
 from maxdeeplab.platform.eval.accumulator import PQAccumulator
 from maxdeeplab.platform.eval.pq import PQResult
-from maxdeeplab.platform.visualize import colorize_panoptic, side_by_side
+from maxdeeplab.platform.visualize import panoptic_figure
 
 
 @dataclass
@@ -53,9 +53,11 @@ class EvalResult:
         return out
 
 
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast as `train.amp` says (`config.AMP_MODES`): 'auto' on CUDA only, 'bf16' on any
+    device (CPU autocast included), 'fp32' never. The criterion turns it off for the loss maths."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -133,14 +135,19 @@ def evaluate(
 def _visualization(
     item: Any, pred_map: np.ndarray, cfg: ExperimentConfig, info: DatasetInfo
 ) -> np.ndarray:
-    """The resized input image beside its prediction at the same size."""
+    """The resized input image, its prediction over it and a legend (`visualize.panoptic_figure`).
+
+    The dataset yields images in [0, 255] (the model normalises them itself), so the input panel
+    is the item's image as it is, cut to the resized size.
+    """
     h, w = item.resized_size
-    image = ((item.image[:, :h, :w].permute(1, 2, 0).numpy() + 1.0) * 127.5).clip(0, 255)
+    image = item.image[:, :h, :w].permute(1, 2, 0).numpy().round().clip(0, 255).astype(np.uint8)
     # The prediction is at the raw size; sample it at the resized grid (nearest).
     rows = np.linspace(0, pred_map.shape[0] - 1, h).round().astype(int)
     cols = np.linspace(0, pred_map.shape[1] - 1, w).round().astype(int)
-    small = pred_map[rows[:, None], cols[None, :]]
-    colours = colorize_panoptic(
-        small, label_divisor=cfg.postprocess.label_divisor, num_classes=info.num_classes
+    return panoptic_figure(
+        image,
+        pred_map[rows[:, None], cols[None, :]],
+        label_divisor=cfg.postprocess.label_divisor,
+        class_names=[c.name for c in info.categories],
     )
-    return side_by_side(image.astype(np.uint8), colours)

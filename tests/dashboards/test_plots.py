@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from matplotlib.image import imread
 from mlflow import MlflowClient
@@ -13,6 +15,7 @@ from maxdeeplab.dashboards.plots import (
     plot_run,
     plot_sweep,
     pq_curves_figure,
+    sweep_points,
     varied_keys,
 )
 from maxdeeplab.platform import tracking
@@ -79,16 +82,56 @@ def test_curves_and_bars_show_the_logged_values_in_percent():
     assert [p.get_width() for p in bars.patches] == pytest.approx([40.0, 60.0, 80.0])
 
 
-def test_metric_vs_key_joins_the_best_trial_at_each_value():
-    points = [("641", 0.30), ("321", 0.20), ("641", 0.35), ("321", 0.25)]
+def test_numeric_key_joins_the_mean_of_each_value_with_its_spread_and_n():
+    points = [("641", 0.30), ("321", 0.20), ("641", 0.34), ("321", 0.25), ("641", 0.32)]
     ax = metric_vs_key_figure(points, "data.crop_size", "t").axes[0]
-    (line,) = ax.lines
-    assert list(line.get_xdata()) == [321.0, 641.0]
-    assert list(line.get_ydata()) == pytest.approx([25.0, 35.0])
-    categorical = [("linear", 0.35), ("constant", 0.30), ("linear", 0.25)]
-    ax = metric_vs_key_figure(categorical, "model.drop_path_schedule", "t").axes[0]
+    line = next(line for line in ax.lines if len(line.get_xdata()) > 1)
+    assert list(line.get_xdata()) == [321.0, 641.0] and line.get_linestyle() == "-"
+    assert list(line.get_ydata()) == pytest.approx([22.5, 32.0])
+    (bars,) = ax.collections[-1:]  # the error bars: mean ± sample std
+    spans = sorted(abs(seg[1][1] - seg[0][1]) for seg in bars.get_segments())
+    assert spans == pytest.approx(sorted([2 * 3.5355339, 2 * 2.0]))
+    assert sorted(t.get_text() for t in ax.texts) == ["n=2", "n=3"]
+
+
+def test_categorical_key_has_markers_not_a_line_and_a_floor_above_zero():
+    # Values of 40-45 %: the axis starts just below them, not at 0, and cuts none.
+    points = [("linear", 0.45), ("constant", 0.40), ("linear", 0.43), ("constant", 0.41)]
+    ax = metric_vs_key_figure(points, "model.drop_path_schedule", "t").axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["constant", "linear"]
-    assert list(ax.lines[0].get_ydata()) == pytest.approx([30.0, 35.0])
+    for line in ax.lines:  # markers and error-bar caps only: no line between categories
+        assert line.get_linestyle() == "None"
+    means = next(line for line in ax.lines if line.get_marker() == "o")
+    assert list(means.get_ydata()) == pytest.approx([40.5, 44.0])
+    assert sorted(t.get_text() for t in ax.texts) == ["n=2", "n=2"]
+    low, high = ax.get_ylim()
+    assert 30.0 < low < 40.0 and high > 45.0
+
+
+def test_series_split_repeats_and_sit_side_by_side():
+    points = [("linear", 0.35), ("linear", 0.25), ("constant", 0.30), ("constant", 0.20)]
+    series = ["crop=641", "crop=321", "crop=641", "crop=321"]
+    ax = metric_vs_key_figure(points, "model.drop_path_schedule", "t", series=series).axes[0]
+    means = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [list(m.get_ydata()) for m in means] == [
+        pytest.approx([20.0, 25.0]),
+        pytest.approx([30.0, 35.0]),
+    ]
+    # Side by side: crop=321 left of each category's tick, crop=641 right of it.
+    assert all(means[0].get_xdata() < [0, 1]) and all(means[1].get_xdata() > [0, 1])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["crop=321", "crop=641"]
+    assert [t.get_text() for t in ax.texts] == ["n=1"] * 4
+    with pytest.raises(ValueError, match="3 series labels for 4 points"):
+        metric_vs_key_figure(points, "k", "t", series=series[:3])
+
+
+def test_seed_is_a_repeat_not_a_swept_key():
+    runs = [
+        SimpleNamespace(data=SimpleNamespace(params={"seed": str(seed), "train.steps": steps}))
+        for seed in (0, 1)
+        for steps in ("100", "200")
+    ]
+    assert varied_keys(runs) == ["train.steps"]
 
 
 def test_plot_sweep_finds_trials_and_varied_keys(sweep, tmp_path):
@@ -98,6 +141,13 @@ def test_plot_sweep_finds_trials_and_varied_keys(sweep, tmp_path):
     # tracking.run_name differs per trial too, but is not what the sweep studies; the area limit
     # moves with the crop size, so it is plotted once, under the crop size.
     assert varied_keys(trials) == ["data.crop_size", "model.drop_path_schedule"]
+    # Against the schedule, one series per crop size; the area limit moves with the crop.
+    varied = varied_keys(trials)
+    points, series = sweep_points(trials, "model.drop_path_schedule", varied)
+    by_trial = {(int(s.split("=")[1]), v): pq for (v, pq), s in zip(points, series, strict=True)}
+    assert by_trial == TRIALS
+    points, series = sweep_points(trials, "postprocess.thing_area_limit", varied)
+    assert {s.split("=")[0] for s in series} == {"model.drop_path_schedule"}
 
     paths = plot_sweep(sweep["parent"], tmp_path, uri=sweep["uri"])
     assert [p.name for p in paths] == [

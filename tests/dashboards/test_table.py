@@ -1,4 +1,5 @@
-"""`maxdeeplab table`: the 9 published rows beside our best MLflow run of each config.
+"""`maxdeeplab table`: the 9 published rows beside our best MLflow run of each config, and the
+best run of each experiment that matches no config.
 
 The store is real: runs are created from the model-zoo YAMLs through the project's tracking module
 (the calls a training run makes), with metrics logged as training logs them (fractions).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,13 +18,17 @@ from mlflow import MlflowClient
 
 from maxdeeplab.cli.main import main
 from maxdeeplab.dashboards.model_zoo import published_rows
-from maxdeeplab.dashboards.zoo_table import TABLE_RUN_NAME, build_table, render_table
+from maxdeeplab.dashboards.zoo_table import build_table
+from maxdeeplab.dashboards.zoo_table_formats import MARKDOWN_WIDTH, ZOO_HEADERS, render_table
 from maxdeeplab.platform import tracking
 from maxdeeplab.platform.config import load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO_DIR = ROOT / "experiments" / "model_zoo"
 EXPERIMENT = "zoo-table-check"
+# A study of its own: matches no zoo row, and its names are long.
+STUDY = "drop-path-study-at-crop-321-for-the-zoo-table-with-a-long-experiment-name"
+LONG_RUN = "max_deeplab_s_drop_path_study_at_crop_321-trial-00003-keep-prob-0.7-linear"
 HOUR_MS = 3_600_000
 
 
@@ -68,7 +74,7 @@ def _make_store(work_dir: Path) -> dict[str, object]:
     )
     _run(work_dir, s641, "s641-worse", {100_000: _val(0.40, 0.41, 0.39, 0.41)}, hours=1.0)
     # A shortened smoke run of the same file is not a run of the config, however high its PQ.
-    _run(
+    _, smoke_id = _run(
         work_dir,
         s641,
         "s641-smoke",
@@ -96,18 +102,26 @@ def _make_store(work_dir: Path) -> dict[str, object]:
             25_000: {tracking.LOSS_TOTAL: 4.0, tracking.TRAIN_LR: 1e-3},
         },
     )
+    # Two runs of another experiment that match no row: the better one, still running, is shown.
+    study = ["data.crop_size=321", f"tracking.experiment={STUDY}"]
+    _run(work_dir, s641, "study-worse", {500: _val(0.20, 0.2, 0.2, 0.2)}, overrides=study, hours=1)
+    _, study_id = _run(
+        work_dir, s641, LONG_RUN, {500: _val(0.41, 0.45, 0.35, 0.42)}, overrides=study
+    )
     return {
         "uri": tracking.tracking_uri(cfg),
         "work_dir": work_dir,
         "best": best_id,
         "running": running_id,
+        "study": study_id,
+        "smoke": smoke_id,
     }
 
 
 def test_best_run_deltas_progress_and_gpu_hours(store):
     table = build_table(store["uri"], EXPERIMENT)
-    assert [row.entry.name for row in table] == [e.name for e in published_rows()]
-    rows = {row.entry.name: row for row in table}
+    assert [row.entry.name for row in table.rows] == [e.name for e in published_rows()]
+    rows = {row.entry.name: row for row in table.rows}
 
     s641 = rows["max_deeplab_s_os16_res641_100k"]
     assert s641.num_runs == 2  # the smoke run does not count
@@ -136,59 +150,106 @@ def test_best_run_deltas_progress_and_gpu_hours(store):
     assert len(others) == 6 and all(r.best is None and r.num_runs == 0 for r in others)
 
 
-def test_markdown_shows_all_published_rows_and_ours(store, capsys):
-    assert main(["table", "--work-dir", str(store["work_dir"]), "--experiment", EXPERIMENT]) == 0
+def test_runs_of_no_zoo_config_are_the_other_runs_best_per_experiment(store):
+    # Filtered: the smoke run (1000 steps) is this experiment's only run that matches no row.
+    (smoke,) = build_table(store["uri"], EXPERIMENT).other_runs
+    assert (smoke.run_name, smoke.variant, smoke.crop_size) == (
+        "s641-smoke",
+        "max_deeplab_s",
+        "641",
+    )
+    assert (smoke.train_steps, smoke.steps_done, smoke.pq) == (1000, 1000, pytest.approx(90.0))
+
+    others = {run.experiment: run for run in build_table(store["uri"]).other_runs}
+    study = others[STUDY]
+    assert study.run_id == store["study"] and study.in_progress and study.crop_size == "321"
+    assert (study.pq, study.pq_thing, study.pq_stuff) == pytest.approx((41.0, 45.0, 35.0))
+    experiment_id = MlflowClient(tracking_uri=store["uri"]).get_experiment_by_name(STUDY)
+    assert study.link == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id.experiment_id}/runs/{store['study']}"
+    )
+    assert others[EXPERIMENT].run_name == "s641-smoke"
+
+
+def test_markdown_fits_120_columns_and_shows_ours_and_the_other_runs(store, capsys):
+    assert main(["table", "--work-dir", str(store["work_dir"])]) == 0
     out = capsys.readouterr().out
+    links = [line for line in out.splitlines() if re.match(r"\[\d+\]: ", line)]
+    assert all(len(line) <= MARKDOWN_WIDTH for line in out.splitlines() if line not in links)
     lines = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if "|" in line}
     for entry in published_rows():
-        line = lines[entry.name]
-        assert f"| {entry.pq:.1f} | {entry.pq_thing:.1f} | {entry.pq_stuff:.1f} |" in line
-        assert f"{entry.pq_pipeline:.2f}" in line
+        assert lines[entry.name].startswith(f"| {entry.name} | {entry.pq:.1f} | ")
     good = lines["max_deeplab_s_os16_res641_100k"]
-    assert "| 44.00 | 48.00 | 39.00 | 45.00 | -1.90 | -1.36 | 100,000 / 100,000 | 16.0 |" in good
-    assert "s641-good" in good
+    assert "| 44.00 | -1.90 | 48.00 | 39.00 | 100k / 100k | [s641-good][" in good
     running = lines["max_deeplab_s_os16_res1025_400k"]
-    assert "s1025-running (in progress)" in running and "25,000 / 400,000" in running
-    assert "| 30.00 |" in running and "| -19.00 |" in running  # 30.0 - 49.0
+    assert "| 30.00 | -19.00 |" in running and "| 25k / 400k |" in running  # 30.0 - 49.0
+    assert running.endswith("] (running) |")
     empty = lines["max_deeplab_l_os16_res1025_400k"]
-    assert empty.count("–") == 9  # 4 PQs, 2 deltas, steps, GPU-hours, run
+    assert empty.count("–") == 6  # 3 PQs, the delta, steps, run
+
+    assert "### Other runs" in out
+    smoke = lines[EXPERIMENT]
+    assert "| max_deeplab_s | 641 | 1k / 1k | 90.00 | 90.00 | 90.00 | [s641-smoke][" in smoke
+    (study,) = [line for name, line in lines.items() if name.startswith(STUDY[:9])]
+    assert "…" in study and LONG_RUN not in study and study.endswith("] (running) |")
+    # Every run name links to its MLflow page.
+    ref = re.search(r"\[s641-smoke\]\[(\d+)\]", smoke).group(1)
+    assert any(
+        line.startswith(f"[{ref}]: http") and line.endswith(store["smoke"]) for line in links
+    )
 
 
-def test_csv_and_html_formats_and_the_logged_artifact(store, capsys, tmp_path):
+def test_wide_markdown_shows_every_column_and_whole_names(store, capsys):
+    assert main(["table", "--work-dir", str(store["work_dir"]), "--wide"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| " + " | ".join(ZOO_HEADERS) + " |"
+    good = next(line for line in out.splitlines() if "s641-good" in line)
+    assert "| 44.00 | 48.00 | 39.00 | 45.00 | -1.90 | -1.36 | 100,000 / 100,000 | 16.0 |" in good
+    assert f"| {STUDY} |" in out and f"[{LONG_RUN}][" in out
+
+
+def test_experiment_only_filters_and_csv_holds_both_sections(store, capsys, tmp_path):
+    client = MlflowClient(tracking_uri=store["uri"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    before = len(client.search_runs([experiment.experiment_id]))
     out_file = tmp_path / "table.csv"
     argv = ["table", "--work-dir", str(store["work_dir"]), "--experiment", EXPERIMENT]
     assert main([*argv, "--format", "csv", "--out", str(out_file)]) == 0
     printed = capsys.readouterr()
-    assert "logged as artifact model_zoo_table.csv" in printed.err
+    # Nothing is logged without --log-run: no new run, no artifact.
+    assert "logged" not in printed.err
+    assert len(client.search_runs([experiment.experiment_id])) == before
+
     records = list(csv.DictReader(io.StringIO(printed.out)))
-    assert [r["config"] for r in records] == [e.name for e in published_rows()]
-    good = records[0]
+    zoo = [r for r in records if r["section"] == "zoo"]
+    assert [r["config"] for r in zoo] == [e.name for e in published_rows()]
+    good = zoo[0]
     assert (good["published_pq"], good["pq"], good["delta_pq"]) == ("45.9", "44.00", "-1.90")
     assert (good["steps_done"], good["gpu_hours"], good["run_id"]) == (
         "100000",
         "16.0",
         store["best"],
     )
-    running = next(r for r in records if r["config"] == "max_deeplab_s_os16_res1025_400k")
+    running = next(r for r in zoo if r["config"] == "max_deeplab_s_os16_res1025_400k")
     assert (running["in_progress"], running["status"]) == ("True", "RUNNING")
-    assert records[-1]["pq"] == "" and records[-1]["published_pq"] == "51.3"
-    assert out_file.read_text() == printed.out
-
-    # The table run holds the artifact, identical to what was printed.
-    client = MlflowClient(tracking_uri=store["uri"])
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    (table_run,) = client.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.run_name = '{TABLE_RUN_NAME}'"
+    assert zoo[-1]["pq"] == "" and zoo[-1]["published_pq"] == "51.3"
+    (other,) = [r for r in records if r["section"] == "other"]
+    assert (other["config"], other["run_name"], other["pq"]) == ("", "s641-smoke", "90.00")
+    assert (other["variant"], other["crop_size"], other["train_steps"]) == (
+        "max_deeplab_s",
+        "641",
+        "1000",
     )
-    local = client.download_artifacts(table_run.info.run_id, "model_zoo_table.csv", str(tmp_path))
-    assert Path(local).read_text() == printed.out
+    assert out_file.read_text() == printed.out
 
     html_text = render_table(build_table(store["uri"], EXPERIMENT), "html")
     cells = _html_rows(html_text)
-    assert len(cells) == 10  # the header and the 9 rows
-    assert [row[0] for row in cells[1:]] == [e.name for e in published_rows()]
+    assert len(cells) == 12  # the header and the 9 rows; the other runs' header and row
+    assert [row[0] for row in cells[1:10]] == [e.name for e in published_rows()]
     assert cells[1][5] == "44.00" and cells[1][9] == "-1.90"
+    assert cells[11][:2] == [EXPERIMENT, "max_deeplab_s"] and cells[11][-1] == "s641-smoke"
     assert 'class="in-progress"><td>max_deeplab_s_os16_res1025_400k' in html_text
+    assert f'/runs/{store["best"]}">s641-good</a>' in html_text
 
 
 def test_logging_into_a_given_run(store, capsys):

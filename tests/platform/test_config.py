@@ -68,6 +68,7 @@ def test_params_and_yaml_cover_every_public_key():
         ("data: {crop_size: big}\n", [], "bad value 'big' for 'data.crop_size'"),
         ("data: {crop_size: 640}\n", [], "must be of the form 16k+1"),
         ("model: {drop_path_schedule: cosine}\n", [], "expected one of constant, linear"),
+        ("loss: {matcher: scipy}\n", [], "'loss.matcher': expected one of exact, deeplab2"),
         ("model: {variant: max_deeplab_xxl}\n", [], "unknown model variant 'max_deeplab_xxl'"),
         ("{}\n", ["train.stepz=3"], "command line: unknown key 'train.stepz'"),
         ("{}\n", ["train.steps"], "not of the form key=value"),
@@ -153,6 +154,29 @@ def test_cli_config_show_and_check(tmp_path, capsys):
     assert "8 trials" in capsys.readouterr().out
 
 
+def test_cli_config_uses_the_data_class_count(tmp_path, capsys):
+    """`config show` printed the default 133 classes though the synthetic set has 9."""
+    exp = write(tmp_path / "exp.yaml", f"work_dir: {tmp_path / 'runs'}\n")
+    assert main(["config", "show", str(exp)]) == 0
+    shown = capsys.readouterr().out
+    assert "num_classes: 9\n" in shown and "num_thing_classes: 5\n" in shown
+    assert main(["config", "check", str(exp)]) == 0
+    assert "9 classes" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # the synthetic set is not generated to count
+
+
+def test_cli_config_missing_data_root(tmp_path, capsys):
+    missing = tmp_path / "coco"
+    exp = write(tmp_path / "exp.yaml", f"data: {{root: {missing}}}\n")
+    assert main(["config", "check", str(exp)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {missing}: dataset root not found (expected a COCO panoptic folder)\n"
+    assert main(["config", "show", str(exp)]) == 0  # still shown, with a warning
+    captured = capsys.readouterr()
+    assert "num_classes: 133" in captured.out
+    assert captured.err.startswith(f"warning: {missing}: dataset root not found")
+
+
 def test_cli_prints_one_line_error_without_traceback(tmp_path, capsys):
     exp = write(tmp_path / "exp.yaml", "data: {crop_size: big}\n")
     assert main(["config", "show", str(exp)]) == 2
@@ -184,3 +208,13 @@ def test_sweep_bundles_move_keys_together(tmp_path):
     bad = text.replace("postprocess.thing_area_limit: 4", "postprocess.thing_area: 4")
     with pytest.raises(ConfigError, match="unknown key 'postprocess.thing_area' in search bundle"):
         load_sweep(write(tmp_path / "bad.yaml", bad))
+
+
+def test_model_train_crop_size_follows_the_data_crop_unless_recorded(tmp_path):
+    assert load_experiment(None).model.train_crop_size == 641
+    assert load_experiment(None, ["data.crop_size=1025"]).model.train_crop_size == 1025
+    # A trained run's config.yaml records its training crop: evaluated at another crop, it keeps
+    # the ASPP pooling it was trained with.
+    saved = write(tmp_path / "config.yaml", to_yaml(load_experiment(None)))
+    cfg = load_experiment(saved, ["data.crop_size=1025"])
+    assert (cfg.data.crop_size, cfg.model.train_crop_size) == (1025, 641)

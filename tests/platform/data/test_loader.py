@@ -3,6 +3,7 @@ sharding, corrupt files in both modes, and the synthetic fallback for an empty d
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,12 +115,44 @@ def test_loader_with_two_workers_matches_in_process_loading(synthetic_root: Path
 
 def test_samplers_shard_without_overlap(synthetic_root: Path) -> None:
     dataset = train_dataset(synthetic_root)
-    shards = [list(EpochSampler(dataset, num_replicas=3, rank=r, seed=0)) for r in range(3)]
+    shards = [
+        list(itertools.islice(EpochSampler(dataset, num_replicas=3, rank=r, seed=0), 4))
+        for r in range(3)
+    ]
     assert sorted(sum(shards, [])) == list(range(12))
     eval_dataset = PanopticEvalDataset(CocoPanoptic(synthetic_root, "val2017"), EvalTransform(S))
     eval_shards = [list(ShardSampler(eval_dataset, num_replicas=3, rank=r)) for r in range(3)]
     assert sorted(sum(eval_shards, [])) == [0, 1, 2, 3]  # no padding duplicates
     assert [len(ShardSampler(eval_dataset, num_replicas=3, rank=r)) for r in range(3)] == [2, 1, 1]
+
+
+class Keys(torch.utils.data.Dataset):
+    """A dataset of `size` items whose samples are their stream keys (epoch * size + index)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int) -> int:
+        return key
+
+
+def test_a_dataset_smaller_than_the_batch_repeats_then_batches() -> None:
+    """deeplab2's repeat().batch(): batches cut across epochs, each epoch a full permutation."""
+    dataset = Keys(3)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, sampler=EpochSampler(dataset, num_replicas=1, rank=0, seed=0)
+    )
+    batches = [b.tolist() for b in itertools.islice(iterate_from(loader), 6)]
+    stream = sum(batches, [])
+    for epoch in range(4):  # 12 samples = 4 epochs of 3 images, each image once per epoch
+        assert sorted(k % 3 for k in stream[3 * epoch : 3 * epoch + 3]) == [0, 1, 2]
+        assert {k // 3 for k in stream[3 * epoch : 3 * epoch + 3]} == {epoch}
+    assert batches[1][0] // 3 == 0 and batches[1][1] // 3 == 1  # batch 1 spans epochs 0 and 1
+    for start in range(6):  # resuming at any batch replays the same batches
+        assert next(iterate_from(loader, start)).tolist() == batches[start]
 
 
 def test_eval_items_carry_what_pq_needs(synthetic_root: Path) -> None:
@@ -130,10 +163,11 @@ def test_eval_items_carry_what_pq_needs(synthetic_root: Path) -> None:
     items = [item for batch in loader for item in batch["items"]]
     assert [item.image_id for item in items] == [r.image_id for r in split.records]
     item = items[0]
-    assert item.raw_size == (97, 129) and item.resized_size == (48, 65)
+    # deeplab2's float32 two-step resize: 97 -> 65 -> 49 rows (exact rationals would give 48).
+    assert item.raw_size == (97, 129) and item.resized_size == (49, 65)
     np.testing.assert_array_equal(item.gt_ids, split.load_panoptic(0))
     assert {s["id"] for s in item.segments} == set(np.unique(item.gt_ids).tolist()) - {0}
-    assert item.image.shape == (3, S, S) and bool((item.image[:, 48:, :] == 127.5).all())
+    assert item.image.shape == (3, S, S) and bool((item.image[:, 49:, :] == 127.5).all())
     label = np.zeros((S, S), np.int64)
     assert undo_eval_resize(label, item.resized_size, item.raw_size).shape == item.raw_size
 
@@ -162,7 +196,7 @@ def test_skip_corrupt_skips_counts_and_keeps_batches_full(
 ) -> None:
     root, victim = corrupt_root
     dataset = train_dataset(root, skip_corrupt=True)
-    batches = list(build_loader(dataset, batch_size=4, num_workers=2))
+    batches = list(itertools.islice(build_loader(dataset, batch_size=4, num_workers=2), 3))
     assert [len(b["index"]) for b in batches] == [4, 4, 4]
     assert 2 not in torch.cat([b["index"] for b in batches]).tolist()
     assert dataset.corrupt.count == 1 and dataset.corrupt.indices() == [2]

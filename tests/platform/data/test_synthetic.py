@@ -146,3 +146,20 @@ def test_cli_rejects_bad_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert err.startswith("error: --size must be at least 16 16") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_a_non_empty_folder_unless_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "data"
+    (out / "train2017").mkdir(parents=True)
+    (out / "train2017" / "old.jpg").write_bytes(b"")
+    (out / "notes.txt").write_text("mine")
+    args = ["data", "synthetic", str(out), "--train", "1", "--val", "1", "--size", "16", "16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out}: folder is not empty" in err and "--overwrite" in err
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "train2017" / "old.jpg").exists()  # the generator's folders are replaced
+    assert (out / "notes.txt").read_text() == "mine"  # anything else stays
+    assert len(CocoPanoptic(out, "train2017")) == 1

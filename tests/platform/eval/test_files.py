@@ -315,3 +315,25 @@ def test_segment_id_listed_twice(broken, engine):
         EvaluationError, match=f"image 7: segment id {segments[0]['id']} is listed twice"
     ):
         _evaluate(paths, gt, pred, engine)
+
+
+@pytest.mark.parametrize("rename", [lambda i: f"{i:012d}", None], ids=["stems", "empty"])
+def test_no_predicted_image_id_in_ground_truth_fails_in_one_line(broken, capsys, rename):
+    """Predictions under other ids (file stems, say) used to give PQ 0.0 and exit 0."""
+    paths, gt, pred = broken
+    if rename is None:
+        pred["annotations"] = []
+    for ann in pred["annotations"]:
+        ann["image_id"] = rename(ann["image_id"])
+    _dump(paths["gt_json"], gt)
+    _dump(paths["pred_json"], pred)
+    args = [
+        "evaluate", "--gt-json", str(paths["gt_json"]), "--gt-dir", str(paths["gt_dir"]),
+        "--pred-json", str(paths["pred_json"]), "--pred-dir", str(paths["pred_dir"]),
+        "--no-progress", "--engine", "numpy",
+    ]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "pred.json" in err[0]
+    expected = "no predicted image id matches" if rename else "no prediction annotations"
+    assert expected in err[0]

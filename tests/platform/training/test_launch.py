@@ -94,3 +94,23 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path: Path) -> None:
     (run,) = tracking.find_runs(cfg, "diverging")
     assert run.info.status == "FAILED"
     assert run.data.metrics[tracking.TRAIN_BAD_STEPS] == 2
+
+
+def test_starting_a_local_ray_says_so_before_it_waits(monkeypatch, capsys) -> None:
+    import ray
+
+    from maxdeeplab.platform.training import launch
+
+    class Started(Exception):
+        pass
+
+    def init(**kwargs: object) -> None:  # what the console showed when Ray would start
+        raise Started(capsys.readouterr().out)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(launch, "_listen_on_loopback", lambda: None)
+    with pytest.raises(Started) as started:
+        launch.start_ray(quiet=False)
+    assert str(started.value) == "starting Ray (local, 127.0.0.1)...\n"

@@ -93,7 +93,7 @@ def test_non_finite_loss_skips_the_update(setup) -> None:
     poisoned = next(p for p in model.mask_class_head.parameters() if p.dim() > 1)
     with torch.no_grad():
         poisoned.fill_(float("nan"))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}  # buffers too
     result = train_step(
         model,
         optimizer,
@@ -105,8 +105,10 @@ def test_non_finite_loss_skips_the_update(setup) -> None:
     )
     assert not result.applied
     assert not math.isfinite(float(result.losses["total"]))
-    for name, param in model.named_parameters():
-        assert torch.equal(param, before[name]) or torch.isnan(before[name]).any(), name
+    # exactly as before the step: parameters and BatchNorm's running statistics (which the
+    # forward pass in train mode had already updated)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]) or torch.isnan(before[name]).any(), name
     assert not optimizer.state  # Adam never stepped
 
 
