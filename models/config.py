@@ -17,6 +17,9 @@ BACKBONE_TYPES = ("resnet_beta", "wider_resnet")
 DROP_PATH_SCHEDULES = ("constant", "linear")
 POSTPROCESS_MODES = ("pixelwise", "maskwise")
 NEGATIVE_WEIGHTINGS = ("void_ratio", "constant")
+# Hungarian solvers of the slot matching (docs/deeplab2.md#matching): the exact optimum, or a port
+# of deeplab2's float32 TensorFlow solver that returns its (at times non-optimal) assignments.
+MATCHERS = ("exact", "deeplab2")
 
 
 @dataclass
@@ -67,6 +70,11 @@ class ModelConfig:
     use_aux_semantic: bool = True  # the auxiliary semantic decoder (a training signal)
     aspp_channels: int = 256
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    # The side S of the crop the model is trained at. deeplab2 sizes the ASPP image pooling from
+    # it, a ((S - 1) / 16 + 1)^2 window (docs/deeplab2.md#auxiliary-semantic-branch): global at
+    # S, a sliding window on larger inputs. 0 = global pooling at every size. The platform sets
+    # it from data.crop_size; a trained run's config keeps it.
+    train_crop_size: int = 0
     low_level_channels: list[int] = field(default_factory=lambda: [64, 32])
     semantic_decoder_channels: int = 256
     semantic_head_channels: int = 256  # auxiliary semantic head's separable 5x5 conv
@@ -97,6 +105,7 @@ class LossConfig:
     alpha: float = 0.75  # focal_loss_alpha: positives 0.75, negatives 0.25
     temperature: float = 0.3  # instance discrimination tau
     negative_weighting: str = "void_ratio"  # deeplab2's code; 'constant' is the paper's form
+    matcher: str = "exact"  # the optimal matching; 'deeplab2' reproduces deeplab2's float32 solver
     max_thing_id: int = 128  # deeplab2's max_thing_id; instances beyond it stay unmatched
     small_instance_weight: float = 1.0  # L variant: 3.0 on thing instances < small_instance_area px
     small_instance_area: int = 4096
@@ -193,4 +202,22 @@ def model_config_problem(cfg: ModelConfig) -> tuple[str, Any, str] | None:
             return key, value, f"expected one of {', '.join(allowed)}"
     if not 0.0 < cfg.drop_path_keep_prob <= 1.0:
         return "drop_path_keep_prob", cfg.drop_path_keep_prob, "must be in (0, 1]"
+    if cfg.train_crop_size < 0:
+        return "train_crop_size", cfg.train_crop_size, "must be >= 0 (0: global ASPP pooling)"
+    return None
+
+
+def loss_config_problem(cfg: LossConfig) -> tuple[str, Any, str] | None:
+    """The first LossConfig rule that a type check cannot express and `cfg` breaks, or None.
+
+    Returns:
+        (field name, value, reason), e.g. ("matcher", "scipy", "expected one of ...").
+    """
+    choices = {
+        "negative_weighting": (cfg.negative_weighting, NEGATIVE_WEIGHTINGS),
+        "matcher": (cfg.matcher, MATCHERS),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            return key, value, f"expected one of {', '.join(allowed)}"
     return None

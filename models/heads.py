@@ -10,7 +10,8 @@ deeplab2: `model/decoder/max_deeplab.py` (MaXDeepLab head), `model/decoder/panop
   then one BN with a single gamma/beta shared by all slots (gamma starts at 0.1, "low temperature").
 - Class head: 1x1 with bias to K + 1 classes (void last), plus the constant void prior
   log(K * 0.9 / 0.1) on the void logit so that p(void) = 0.9 at initialisation (focal-loss style).
-- Auxiliary semantic branch (a training signal and the mIoU prediction): ASPP on res5, then two
+- Auxiliary semantic branch (a training signal and the mIoU prediction): ASPP on res5 (its image
+  pooling over the training crop's stride-16 window, global only at that crop), then two
   low-level fusions (res3 -> 64, res2 -> 32 channels), then a separable 5x5 + 1x1 head to K + 1
   channels at stride 4. When the semantic feature is already at stride 4 (MaX-DeepLab-L), deeplab2
   skips the decoder and only the head runs.
@@ -31,6 +32,7 @@ from maxdeeplab.models.layers import (
     resize_align_corners,
     truncated_normal_,
 )
+from maxdeeplab.models.strides import OUTPUT_STRIDE
 
 HEAD_INIT_STD = 0.01  # final 1x1 convs of every head (deeplab2 TruncatedNormal(0.01), zero bias)
 ASPP_DROPOUT = 0.1  # deeplab2 aspp.py
@@ -107,10 +109,27 @@ class MaskClassHead(nn.Module):
         return class_logits, mask_logits.reshape(B, N, H, W)
 
 
-class ASPP(nn.Module):
-    """1x1, three atrous 3x3 and image-pooling branches -> concat -> 1x1 -> dropout (deeplab2)."""
+def aspp_pool_size(train_crop_size: int) -> int | None:
+    """deeplab2's ASPP pooling window side for a model trained on S x S crops, None for global.
 
-    def __init__(self, in_channels: int, out_channels: int, rates: list[int]) -> None:
+    deeplab2 scales the train crop to the output stride as `int((S - 1) / 16 + 1)` (41 for 641,
+    65 for 1025), the side of the stride-16 map at the training crop (`model/deeplab.py`).
+    """
+    if train_crop_size <= 0:
+        return None
+    return (train_crop_size - 1) // OUTPUT_STRIDE + 1
+
+
+class ASPP(nn.Module):
+    """1x1, three atrous 3x3 and image-pooling branches -> concat -> 1x1 -> dropout (deeplab2).
+
+    Args:
+        pool_size: the image-pooling window side (`aspp_pool_size`), None for global pooling.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, rates: list[int], *, pool_size: int | None
+    ) -> None:
         super().__init__()
         if len(rates) != 3:
             raise ValueError(f"ASPP needs exactly 3 atrous rates, got {rates}")
@@ -118,7 +137,7 @@ class ASPP(nn.Module):
         self.aspp_convs = nn.ModuleList(
             ConvBN(in_channels, out_channels, 3, dilation=rate, relu=True) for rate in rates
         )
-        # deeplab2 pools over train_crop/16 = the whole stride-16 map: global pooling.
+        self.pool_size = pool_size
         self.pool_conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.pool_bn = nn.BatchNorm2d(out_channels)
         he_normal_(self.pool_conv.weight)
@@ -126,13 +145,27 @@ class ASPP(nn.Module):
         self.dropout = nn.Dropout(ASPP_DROPOUT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The pooled 1x1 map is broadcast *before* its BN: the batch statistics are the same as on
-        # the 1x1 map (deeplab2), and a batch of one image still trains (PyTorch's BN refuses to
-        # normalise a single value per channel, TF's returns beta).
-        pooled = self.pool_conv(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, *x.shape[-2:])
-        pooled = F.relu(self.pool_bn(pooled))
-        branches = [self.conv_bn_act(x), *(conv(x) for conv in self.aspp_convs), pooled]
+        branches = [self.conv_bn_act(x), *(conv(x) for conv in self.aspp_convs), self._pool(x)]
         return self.dropout(self.proj_conv_bn_act(torch.cat(branches, dim=1)))
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """deeplab2's ASPPPool: 'valid' average pooling with stride 1 over the window (the whole
+        map at the training crop), 1x1 conv + BN + ReLU, aligned-corner resize back to h x w.
+
+        Along an axis shorter than the window (an input below the training crop, where
+        deeplab2's pooling fails) the window shrinks to the axis; smaller on both: global pooling.
+        """
+        H, W = x.shape[-2:]
+        window = (
+            (H, W) if self.pool_size is None else (min(self.pool_size, H), min(self.pool_size, W))
+        )
+        pooled = self.pool_conv(F.avg_pool2d(x, window, stride=1))  # B x C x h' x w'
+        if pooled.shape[-2:] == (1, 1):
+            # Broadcast *before* the BN: the batch statistics are those of the 1x1 map (deeplab2),
+            # and a batch of one image still trains (PyTorch's BN refuses to normalise a single
+            # value per channel, TF's returns beta).
+            return F.relu(self.pool_bn(pooled.expand(-1, -1, H, W)))
+        return resize_align_corners(F.relu(self.pool_bn(pooled)), (H, W))
 
 
 class AuxiliarySemanticBranch(nn.Module):
@@ -144,6 +177,7 @@ class AuxiliarySemanticBranch(nn.Module):
         num_classes: K; the head predicts K + 1 channels.
         use_decoder: False when the semantic feature is already at stride 4 (MaX-DeepLab-L).
         aspp_channels, aspp_rates: the ASPP width and its 3 atrous rates.
+        aspp_pool_size: the ASPP image-pooling window side, None for global pooling.
         low_level_channels: the projection width of each low-level feature (res3, res2).
         decoder_channels: width of the low-level fusions.
         head_channels: width of the head's separable 5x5 conv.
@@ -158,6 +192,7 @@ class AuxiliarySemanticBranch(nn.Module):
         use_decoder: bool,
         aspp_channels: int,
         aspp_rates: list[int],
+        aspp_pool_size: int | None,
         low_level_channels: list[int],
         decoder_channels: int,
         head_channels: int,
@@ -165,7 +200,7 @@ class AuxiliarySemanticBranch(nn.Module):
         super().__init__()
         self.use_decoder = use_decoder
         if use_decoder:
-            self.aspp = ASPP(in_channels, aspp_channels, aspp_rates)
+            self.aspp = ASPP(in_channels, aspp_channels, aspp_rates, pool_size=aspp_pool_size)
             self.low_level_convs = nn.ModuleList(
                 ConvBN(c_in, c, 1, relu=True)
                 for c_in, c in zip(low_level_in_channels, low_level_channels, strict=True)

@@ -8,10 +8,14 @@ with the PQ-style similarity `dice(i, k) * p_k(c_i)`:
   over slots of the mask logits, zeroed on void pixels (no smoothing, unlike the dice *loss*);
 - `p_k(c_i)` the softmax over all K + 1 class logits (void included) read at the GT class.
 It then minimises the negative similarity with a Hungarian solver on a matrix padded to square with
-+-999. Here the void rows are simply left out and scipy's rectangular `linear_sum_assignment` solves
-the same problem (padding with a constant does not change which real pairs are optimal). When there
-are more non-void GT masks than slots, some masks stay unmatched (mask_slot = -1); the losses leave
-them out of the matched-slot terms instead of reproducing deeplab2's -99999 logits
++-999. By default (`loss.matcher = 'exact'`) the void rows are simply left out and scipy's
+rectangular `linear_sum_assignment` solves the same problem exactly (padding with a constant does
+not change which real pairs are optimal). deeplab2's own float32 TensorFlow solver rounds
+similarity differences below ~6e-5 away and then breaks the resulting ties its own way, so on weak
+or ambiguous predictions it returns other, non-optimal assignments; `loss.matcher = 'deeplab2'`
+reproduces them with a port of that solver (`models/deeplab2_hungarian.py`). When there are more
+non-void GT masks than slots, some masks stay unmatched (mask_slot = -1); the losses leave them out
+of the matched-slot terms instead of reproducing deeplab2's -99999 logits
 (docs/deeplab2.md#more-masks-than-slots).
 
 Everything here is without gradient. The similarity is built on the device of the logits; only the
@@ -26,6 +30,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from maxdeeplab.models.config import MATCHERS
+from maxdeeplab.models.deeplab2_hungarian import deeplab2_match
 from maxdeeplab.models.targets import MaskTargets
 
 # deeplab2 `_mask_similarity`: the epsilon added to the dice denominator.
@@ -137,21 +143,39 @@ def match_slots(
     pred_area: torch.Tensor,
     class_logits: torch.Tensor,
     targets: MaskTargets,
+    *,
+    matcher: str,
 ) -> Matching:
-    """PQ-style similarity, then Hungarian matching (see `pq_similarity` for the arguments)."""
+    """PQ-style similarity, then Hungarian matching (see `pq_similarity` for the arguments).
+
+    Args:
+        matcher: 'exact' (`hungarian_match`, the optimum) or 'deeplab2' (`deeplab2_match`, the
+            assignment of deeplab2's float32 solver); `LossConfig.matcher`.
+
+    Raises:
+        ValueError: an unknown matcher.
+    """
     dice, class_prob = pq_similarity(intersection, pred_area, class_logits, targets)
-    mask_slot = hungarian_match(dice * class_prob, targets.mask_valid)
+    similarity = dice * class_prob
+    if matcher == "exact":
+        mask_slot = hungarian_match(similarity, targets.mask_valid)
+    elif matcher == "deeplab2":
+        mask_slot = deeplab2_match(
+            similarity, targets.mask_valid, targets.mask_columns, num_columns=targets.num_columns
+        )
+    else:
+        raise ValueError(f"loss.matcher must be one of {MATCHERS}, got {matcher!r}")
     slot_mask = invert_assignment(mask_slot, intersection.shape[1])
     return Matching(mask_slot=mask_slot, slot_mask=slot_mask, dice=dice, class_prob=class_prob)
 
 
 @torch.no_grad()
 def match_predictions(
-    mask_logits: torch.Tensor, class_logits: torch.Tensor, targets: MaskTargets
+    mask_logits: torch.Tensor, class_logits: torch.Tensor, targets: MaskTargets, *, matcher: str
 ) -> Matching:
     """Match from raw outputs: mask_logits B x N x H x W, class_logits B x N x (K+1)."""
     B, N = mask_logits.shape[:2]
     probs = torch.softmax(mask_logits.float().reshape(B, N, -1), dim=1)  # B x N x L
     probs = probs * targets.pixel_nonvoid.unsqueeze(1)
     intersection = torch.bmm(probs, targets.mask_onehot())  # B x N x M
-    return match_slots(intersection, probs.sum(dim=2), class_logits, targets)
+    return match_slots(intersection, probs.sum(dim=2), class_logits, targets, matcher=matcher)

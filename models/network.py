@@ -17,7 +17,12 @@ from torch import nn
 from maxdeeplab.models.backbone.axial_resnet import EXTRA, MEMORY_FEATURE, AxialResNet
 from maxdeeplab.models.backbone.block_group import TRANSFORMER
 from maxdeeplab.models.config import ModelConfig, model_config_problem
-from maxdeeplab.models.heads import AuxiliarySemanticBranch, MaskClassHead, PixelSpaceHead
+from maxdeeplab.models.heads import (
+    AuxiliarySemanticBranch,
+    MaskClassHead,
+    PixelSpaceHead,
+    aspp_pool_size,
+)
 from maxdeeplab.models.layers import (
     DROP_PATH_NUM_STAGES,
     configure_batch_norm,
@@ -149,6 +154,7 @@ def build_model(cfg: ModelConfig) -> MaXDeepLab:
             use_decoder=encoder.semantic_stride != HIGH_RESOLUTION_OUTPUT_STRIDE,
             aspp_channels=cfg.aspp_channels,
             aspp_rates=list(cfg.aspp_rates),
+            aspp_pool_size=aspp_pool_size(cfg.train_crop_size),
             low_level_channels=list(cfg.low_level_channels),
             decoder_channels=cfg.semantic_decoder_channels,
             head_channels=cfg.semantic_head_channels,

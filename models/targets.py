@@ -58,6 +58,7 @@ class MaskTargets:
         height: H, the stride-4 height.
         width: W, the stride-4 width.
         num_dropped_thing_pixels: B int64, stride-4 pixels whose thing id was >= max_thing_id.
+        num_columns: deeplab2's number of mask columns, max_thing_id + stuff classes (181 on COCO).
     """
 
     pixel_mask: torch.Tensor
@@ -73,6 +74,7 @@ class MaskTargets:
     height: int
     width: int
     num_dropped_thing_pixels: torch.Tensor
+    num_columns: int
 
     def mask_onehot(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense pixel-to-mask one-hot, B x L x M (all zeros for pixels in no mask)."""
@@ -213,4 +215,5 @@ def build_mask_targets(
         height=height,
         width=width,
         num_dropped_thing_pixels=dropped.sum(dim=1),
+        num_columns=num_columns,
     )

@@ -13,7 +13,10 @@ OUT_DIR receives:
 - `outputs.npz`: the input image (1 x S x S x 3, RGB in [0, 255]) and, in eval mode, the decoder's
   stride-4 outputs (class logits, mask logits, normalised pixel embeddings, semantic logits, all
   NHWC as deeplab2 returns them) and the panoptic map of deeplab2's post-processor on the logits
-  sharpened by CLASS_SHARPEN and MASK_SHARPEN.
+  sharpened by CLASS_SHARPEN and MASK_SHARPEN;
+- with `--raw-size H W`, `raw.npz`: an H x W raw image and panoptic label (`semantic x 256 +
+  instance`) through deeplab2's evaluation sample generator (resize, pad, targets), the model, the
+  post-processor and `undo_preprocessing` back to H x W, as `trainer/evaluator.py` runs them.
 
 Every variable gets a seeded random value (BN statistics included; deeplab2's zero-initialised
 gammas would otherwise hide most of the network from the comparison).
@@ -31,8 +34,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from deeplab2 import common, config_pb2  # noqa: E402
-from deeplab2.data import dataset  # noqa: E402
+from deeplab2.data import dataset, sample_generator  # noqa: E402
 from deeplab2.model import deeplab  # noqa: E402
+from deeplab2.model import utils as model_utils  # noqa: E402
 from deeplab2.model.loss import loss_builder  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 
@@ -183,6 +187,77 @@ def losses(model: tf.keras.Model, config_losses, raw: dict, gt: dict) -> dict[st
     return {f"loss_{k}": np.asarray(v.numpy(), np.float64) for k, v in values.items()}
 
 
+def raw_label(height: int, width: int, seed: int) -> np.ndarray:
+    """H x W panoptic label `semantic x 256 + instance`: two stuff classes, thing boxes of
+    different sizes (instances 1, 2, ...) and a void box."""
+    rng = np.random.default_rng(seed + 4)
+    semantic = np.full((height, width), 81 + 20, np.int32)
+    semantic[height // 2 :] = 81 + 40
+    instance = np.zeros((height, width), np.int32)
+    semantic[height // 3 : height // 3 + 40, width // 2 : width // 2 + 90] = 0  # void
+    for k in range(1, 9):
+        box_h, box_w = rng.integers(10, height // 3, size=2)
+        top, left = rng.integers(0, height - box_h), rng.integers(0, width - box_w)
+        semantic[top : top + box_h, left : left + box_w] = int(rng.integers(1, 81))
+        instance[top : top + box_h, left : left + box_w] = k
+    return semantic * dataset.COCO_PANOPTIC_INFORMATION.panoptic_label_divisor + instance
+
+
+def raw_case(model: tf.keras.Model, config, size: tuple[int, int], seed: int) -> dict:
+    """deeplab2's evaluation of one raw image, stage by stage (`trainer/evaluator.py`)."""
+    options = config.eval_dataset_options
+    generator = sample_generator.PanopticSampleGenerator(
+        dataset_info=dataset.COCO_PANOPTIC_INFORMATION._asdict(),
+        is_training=False,
+        crop_size=options.crop_size,
+        min_resize_value=options.min_resize_value,
+        max_resize_value=options.max_resize_value,
+        thing_id_mask_annotations=options.thing_id_mask_annotations,
+        max_thing_id=options.max_thing_id,
+    )
+    rng = np.random.default_rng(seed + 5)
+    height, width = size
+    grid = tf.constant(rng.uniform(0.0, 255.0, (1, IMAGE_GRID, IMAGE_GRID, 3)), tf.float32)
+    smooth = tf.compat.v1.image.resize_bilinear(grid, [height, width], align_corners=True)
+    noisy = smooth.numpy()[0] + rng.normal(0.0, 8.0, (height, width, 3))
+    image = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    label = raw_label(height, width, seed)
+    sample = generator(
+        {
+            "image": tf.constant(image),
+            "image_name": "raw",
+            "label": tf.constant(label[..., None]),
+            "height": height,
+            "width": width,
+        }
+    )
+    x = sample[common.IMAGE][None] / 127.5 - 1.0
+    raw = model._decoder(model._encoder(x, training=False), training=False)
+    sharp = dict(raw)
+    sharp[common.PRED_TRANSFORMER_CLASS_LOGITS_KEY] *= CLASS_SHARPEN
+    sharp[common.PRED_PIXEL_SPACE_MASK_LOGITS_KEY] *= MASK_SHARPEN
+    panoptic = model._post_processor(sharp)[common.PRED_PANOPTIC_KEY]
+    resized = sample[common.RESIZED_IMAGE].shape[:2]
+    undone = model_utils.undo_preprocessing(
+        {common.PRED_PANOPTIC_KEY: panoptic}, list(resized), [height, width]
+    )
+    return {
+        "raw_image": image,
+        "raw_label": label,
+        "image": sample[common.IMAGE].numpy()[None],
+        "resized_size": np.array(resized, np.int32),
+        "semantic": sample[common.GT_SEMANTIC_KEY].numpy()[None],
+        "thing_ids": sample[common.GT_THING_ID_MASK_KEY].numpy()[None],
+        "thing_classes": sample[common.GT_THING_ID_CLASS_KEY].numpy()[None],
+        "class_logits": raw[common.PRED_TRANSFORMER_CLASS_LOGITS_KEY].numpy(),
+        "mask_logits": raw[common.PRED_PIXEL_SPACE_MASK_LOGITS_KEY].numpy(),
+        "pixel_embed": raw[common.PRED_PIXEL_SPACE_NORMALIZED_FEATURE_KEY].numpy(),
+        "semantic_logits": raw[common.PRED_SEMANTIC_LOGITS_KEY].numpy(),
+        "panoptic": panoptic.numpy(),
+        "panoptic_raw": undone[common.PRED_PANOPTIC_KEY].numpy(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
@@ -191,6 +266,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gamma-scale", type=float, default=1.0, help="BN gamma multiplier")
     parser.add_argument("--no-outputs", action="store_true", help="only write the checkpoints")
+    parser.add_argument(
+        "--raw-size", type=int, nargs=2, metavar=("H", "W"), help="also write raw.npz"
+    )
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +318,8 @@ def main() -> None:
         mask_sharpen=MASK_SHARPEN,
         **endpoints,
     )
+    if args.raw_size:
+        np.savez(out / "raw.npz", **raw_case(model, config, tuple(args.raw_size), args.seed))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def compute_losses(
         output: class_logits B x N x (K+1), mask_logits B x N x H x W, pixel_embed B x D x H x W,
             semantic_logits B x (K+1) x H x W or None.
         targets: full-crop labels (B x S x S with S = 4 (H - 1) + 1).
-        loss_cfg: weights, alpha, temperature, negative weighting, max_thing_id.
+        loss_cfg: weights, alpha, temperature, negative weighting, matcher, max_thing_id.
         num_thing_classes: semantic ids 1..num_thing_classes are things.
 
     Returns:
@@ -116,7 +116,13 @@ def _criterion(
     )
     intersection, nonvoid_area, void_area = sums[..., :M], sums[..., M], sums[..., M + 1]
 
-    matching = match_slots(intersection.detach(), nonvoid_area.detach(), class_logits.detach(), t)
+    matching = match_slots(
+        intersection.detach(),
+        nonvoid_area.detach(),
+        class_logits.detach(),
+        t,
+        matcher=cfg.matcher,
+    )
     zero = mask_logits.new_zeros(())
     losses: dict[str, torch.Tensor] = {}
 

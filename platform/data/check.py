@@ -16,23 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from maxdeeplab.platform.data.coco import require_root, split_paths
+from maxdeeplab.platform.data.image_io import read_image
 from maxdeeplab.platform.data.panoptic_format import load_json, read_panoptic_png
 from maxdeeplab.platform.errors import DataError
 
 
 def image_size(path: Path) -> tuple[int, int] | str:
-    """(height, width) of a fully decoded image, or a problem string (missing/corrupt)."""
+    """(height, width) of a fully decoded image, or a problem string (missing/corrupt).
+
+    Decoded as the loaders decode it, so every file reported readable here loads in training.
+    """
     if not path.is_file():
         return f"{path}: image file missing"
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"{path}: unreadable or corrupt image ({exc})"
+        height, width, _ = read_image(path).shape
+    except DataError as exc:
+        return str(exc)
+    return height, width
 
 
 def check_annotation(task: dict[str, Any]) -> list[str]:

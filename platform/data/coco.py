@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from maxdeeplab.platform.data.panoptic_format import load_json, read_image, read_panoptic_png
+from maxdeeplab.platform.data.image_io import read_image
+from maxdeeplab.platform.data.panoptic_format import load_json, read_panoptic_png
 from maxdeeplab.platform.errors import DataError
 
 

@@ -54,23 +54,6 @@ def write_panoptic_png(path: str | Path, ids: np.ndarray) -> None:
     Image.fromarray(id_to_rgb(ids)).save(path)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an RGB image (JPEG or PNG) as H x W x 3 uint8.
-
-    Raises:
-        DataError: the file is missing, unreadable or corrupt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
-
-
 def load_json(path: str | Path) -> dict[str, Any]:
     """Read a panoptic JSON file.
 

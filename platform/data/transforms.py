@@ -3,10 +3,11 @@
 Described in docs/deeplab2.md#data-pipeline.
 
 Training, in deeplab2's order:
-1. resize so the longer side equals the crop size S (aspect kept, sizes floored); the image with
-   bilinear align-corners, the label with nearest align-corners;
-2. random scale from {min, min + step, ..., max} (0.5 .. 1.5 in steps of 0.1), new size
-   floor(size * scale), same interpolation;
+1. resize so the longer side equals the crop size S (aspect kept, sizes floored in deeplab2's
+   float32 arithmetic, `resized_sizes`); the image with bilinear align-corners, the label with
+   nearest align-corners;
+2. random scale from a float32 linspace(min, max, ...) (0.5 .. 1.5 in steps of 0.1), new size
+   int(float32(size) * scale), same interpolation;
 3. pad to at least S x S at a random offset, the image with 127.5 (0 after normalisation), the
    label with void (0);
 4. random S x S crop; horizontal flip with p = 0.5.
@@ -31,28 +32,76 @@ PAD_IMAGE_VALUE = 127.5  # deeplab2 pads with the mean pixel, 0 after the model'
 PAD_LABEL_VALUE = 0  # void
 
 
-def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """deeplab2's `resize_to_range` with min = max = `size`: the longer side becomes `size`.
+def resized_sizes(
+    heights: np.ndarray, widths: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """deeplab2's `resize_to_range_helper` with min = max = `size`, on arrays of image sizes.
 
-    deeplab2 first scales the shorter side to `size`, then (the longer side now exceeding it)
-    scales the longer side to `size`, flooring; the net effect is computed here in exact integer
-    arithmetic so that the longer side is exactly `size` (float32 rounding cannot make it size-1).
+    deeplab2 (`data/preprocessing/preprocess_utils.py`) scales twice, each time by a factor
+    computed in float64 (`size / side` on int32 tensors), cast to float32, and applied to each side
+    as `floor(float32(side) * factor)`: first so that the shorter side reaches `size`, then, the
+    longer side now exceeding it, so that the longer side is at most `size` (the factor capped at
+    1). The float32 steps are reproduced exactly: they make e.g. 640 x 480 become 641 x 481 at 641
+    (not 641 x 480), and in a few sizes leave the longer side at `size - 1`.
+
+    Args:
+        heights, widths: integer arrays of the same shape, every side >= 1.
+        size: the crop side S (`min_resize_value = max_resize_value = S`).
+
+    Returns:
+        (heights, widths) after the resize, int64 arrays of the input shape.
     """
-    longer = max(height, width)
-    return max(height * size // longer, 1), max(width * size // longer, 1)
+    shape = (np.asarray(heights, np.int64), np.asarray(widths, np.int64))
+    to_min = np.maximum(size / shape[0], size / shape[1]).astype(np.float32)
+    shape = _scale_sides(shape, to_min)
+    to_max = np.minimum(size / shape[0], size / shape[1]).astype(np.float32)
+    height, width = _scale_sides(shape, np.minimum(to_max, np.float32(1.0)))
+    # A side of 0 (an image hundreds of times wider than tall) would fail in deeplab2 too.
+    return np.maximum(height, 1), np.maximum(width, 1)
+
+
+def _scale_sides(
+    sides: tuple[np.ndarray, np.ndarray], factor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """deeplab2's `_scale_dim` on both sides: floor(float32(side) * float32 factor)."""
+    height, width = (np.floor(side.astype(np.float32) * factor).astype(np.int64) for side in sides)
+    return height, width
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """The (height, width) of one image after deeplab2's resize to `size` (see `resized_sizes`)."""
+    h, w = resized_sizes(np.array(height), np.array(width), size)
+    return int(h), int(w)
 
 
 def scale_choices(min_scale: float, max_scale: float, step: float) -> np.ndarray:
-    """{min, min + step, ..., max}, as deeplab2's linspace(min, max, (max - min) / step + 1)."""
+    """deeplab2's `get_random_scale` choices: float32 `linspace(min, max, int((max - min) / step
+    + 1))` as TensorFlow computes it, `min + i * delta` in float32 with the last value exactly max.
+
+    A single value (min) when min == max; deeplab2 draws uniformly from [min, max) when step is 0,
+    which is not supported here (also a single value).
+    """
+    start, stop = np.float32(min_scale), np.float32(max_scale)
     if step <= 0 or max_scale <= min_scale:
-        return np.array([min_scale], dtype=np.float64)
-    count = int(round((max_scale - min_scale) / step)) + 1
-    return np.linspace(min_scale, max_scale, count)
+        return np.array([start], dtype=np.float32)
+    count = int((max_scale - min_scale) / step + 1)  # truncated, as deeplab2 does
+    if count < 2:
+        return np.array([start], dtype=np.float32)
+    delta = (stop - start) / np.float32(count - 1)
+    values = start + np.arange(count - 1, dtype=np.float32) * delta
+    return np.append(values, stop).astype(np.float32)
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """floor(size * scale); the epsilon keeps 0.7 * 130 = 90.99999 at 91."""
-    return max(int(np.floor(height * scale + 1e-6)), 1), max(int(np.floor(width * scale + 1e-6)), 1)
+    """deeplab2's random-scale size: int32(float32(side) * float32(scale)) (truncation = floor).
+
+    Sizes are kept >= 1 (deeplab2 would fail on an empty image).
+    """
+    factor = np.float32(scale)
+    return (
+        max(int(np.float32(height) * factor), 1),
+        max(int(np.float32(width) * factor), 1),
+    )
 
 
 def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
@@ -134,7 +183,9 @@ class TrainTransform:
     """
 
     crop_size: int
-    scales: tuple[float, ...] = field(default_factory=lambda: tuple(scale_choices(0.5, 1.5, 0.1)))
+    scales: tuple[float, ...] = field(
+        default_factory=lambda: tuple(float(s) for s in scale_choices(0.5, 1.5, 0.1))
+    )
     flip_prob: float = 0.5
 
     def __call__(

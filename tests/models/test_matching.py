@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from maxdeeplab.models.config import MATCHERS
 from maxdeeplab.models.matching import (
     hungarian_match,
     invert_assignment,
@@ -77,7 +79,8 @@ def test_pq_similarity_by_hand() -> None:
     assert torch.allclose(class_prob[0], torch.tensor([[0.6, 0.2], [0.3, 0.5]]), atol=1e-6)
 
 
-def test_match_predictions_recovers_a_permuted_perfect_prediction() -> None:
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_match_predictions_recovers_a_permuted_perfect_prediction(matcher: str) -> None:
     t = _two_mask_targets()
     mask_logits = torch.full((1, 3, 1, 4), -10.0)
     mask_logits[0, 2, 0, :2] = 10.0  # slot 2 = mask A
@@ -86,7 +89,7 @@ def test_match_predictions_recovers_a_permuted_perfect_prediction() -> None:
     class_logits[0, 2, 0] = 5.0
     class_logits[0, 0, 1] = 5.0
     class_logits[0, 1, 2] = 5.0  # slot 1 predicts void
-    matching = match_predictions(mask_logits, class_logits, t)
+    matching = match_predictions(mask_logits, class_logits, t, matcher=matcher)
     assert matching.mask_slot.tolist() == [[2, 0]]
     assert matching.slot_mask.tolist() == [[1, -1, 0]]
     assert math.isclose(float(matching.matched_dice[0, 2]), 1.0, abs_tol=1e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,15 @@ from maxdeeplab.platform.data.transforms import (
     nearest_indices,
     resize_image,
     resized_size,
+    resized_sizes,
     scale_choices,
+    scaled_size,
     undo_eval_resize,
 )
+
+# deeplab2's own resize and random-scale sizes, recorded in TensorFlow by
+# scripts/deeplab2_resize_table.py (its docstring describes the arrays).
+DEEPLAB2_TABLE = Path(__file__).with_name("deeplab2_resize_table.npz")
 
 # Label k is painted with colour COLOURS[k]; every colour is > 128 so no blend equals the 127.5 pad.
 COLOURS = np.array(
@@ -54,16 +62,46 @@ def interior(label: np.ndarray, radius: int) -> np.ndarray:
     return same
 
 
-def test_resized_size_makes_the_longer_side_the_crop() -> None:
-    assert resized_size(480, 640, 641) == (480, 641)
-    assert resized_size(640, 427, 641) == (641, 427)
+def test_resized_size_is_deeplab2s_float32_two_step_resize() -> None:
+    # The shorter side is scaled to S first, then the longer one, each floored in float32.
+    assert resized_size(480, 640, 641) == (481, 641)  # not 480 x 641
+    assert resized_size(640, 427, 641) == (641, 428)
+    assert resized_size(98, 375, 641) == (167, 640)  # float32 leaves the longer side at 640
     assert resized_size(321, 321, 129) == (129, 129)
     assert resized_size(10, 20, 1025) == (512, 1025)
 
 
+def test_resized_sizes_match_deeplab2_table() -> None:
+    table = np.load(DEEPLAB2_TABLE)
+    shorter, longer = np.meshgrid(
+        np.arange(1, table["resized_shorter"].shape[-1] + 1), table["longer"]
+    )
+    for k, crop in enumerate(table["crops"].tolist()):
+        valid = table["resized_shorter"][k] >= 0
+        expected = (table["resized_shorter"][k][valid], table["resized_longer"][k][valid])
+        landscape = resized_sizes(shorter[valid], longer[valid], crop)
+        portrait = resized_sizes(longer[valid], shorter[valid], crop)
+        for ours, theirs in zip((*landscape, *portrait[::-1]), expected * 2, strict=True):
+            mismatched = int((ours != theirs).sum())
+            assert mismatched == 0, (crop, mismatched)
+
+
 def test_scale_choices_are_deeplab2s() -> None:
-    np.testing.assert_allclose(scale_choices(0.5, 1.5, 0.1), np.arange(5, 16) / 10)
+    table = np.load(DEEPLAB2_TABLE)
+    choices = scale_choices(0.5, 1.5, 0.1)
+    assert choices.dtype == np.float32
+    np.testing.assert_array_equal(choices, table["scales"])  # float32 1.3 is 1.29999995
     assert scale_choices(1.0, 1.0, 0.1).tolist() == [1.0]
+    # deeplab2 truncates the count: (0.7 - 0.5) / 0.1 + 1 = 2.9999999999999996 -> 2 values.
+    np.testing.assert_array_equal(scale_choices(0.5, 0.7, 0.1), np.float32([0.5, 0.7]))
+
+
+def test_scaled_sizes_match_deeplab2_table() -> None:
+    table = np.load(DEEPLAB2_TABLE)
+    heights = np.arange(2, 2 + len(table["scaled"]))
+    ours = [[scaled_size(h, 1, float(s))[0] for s in table["scales"]] for h in heights]
+    np.testing.assert_array_equal(ours, table["scaled"])
+    assert scaled_size(90, 170, float(table["scales"][8])) == (116, 220)  # x 1.29999995, not 1.3
 
 
 def test_nearest_is_align_corners_rounding_half_up() -> None:
