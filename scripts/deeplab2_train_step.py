@@ -1,11 +1,13 @@
-"""Time deeplab2's own MaX-DeepLab training step (the other half of `maxdeeplab bench deeplab2`).
+"""Time deeplab2's own MaX-DeepLab training step (the other half of `maxdeeplab bench deeplab2`
+and of `maxdeeplab bench memory --against deeplab2`).
 
 Runs INSIDE the deeplab2 reference environment (scripts/deeplab2_env.sh). It uses deeplab2's
 `trainer.Trainer` unmodified - forward in training mode, DeepLabFamilyLoss, backward, its two Adam
 optimizers (backbone at 0.1x), all under orbit's tf.function loop - and only replaces the dataset
 (files of COCO) by one seeded synthetic batch repeated, so no data is needed.
 
-    python scripts/deeplab2_train_step.py [--crop 641] [--batch 1] [--steps 3] [--threads 2]
+    python scripts/deeplab2_train_step.py [--variant max_deeplab_s] [--crop 641] [--batch 1] \
+        [--steps 3] [--threads 2]
 
 Prints one JSON line: {"train_step_s": median seconds per step, "first_step_s": trace + 1 step}.
 """
@@ -31,7 +33,7 @@ from deeplab2.data import dataset  # noqa: E402
 from deeplab2.model.loss import loss_builder  # noqa: E402
 from deeplab2.trainer import runner_utils  # noqa: E402
 from deeplab2.trainer import trainer as trainer_lib  # noqa: E402
-from deeplab2_reference import build, ground_truth  # noqa: E402
+from deeplab2_reference import CONFIGS, build, ground_truth  # noqa: E402
 
 
 def synthetic_batch(crop: int, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -50,6 +52,7 @@ def synthetic_batch(crop: int, batch: int, seed: int) -> dict[str, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="max_deeplab_s", choices=sorted(CONFIGS))
     parser.add_argument("--crop", type=int, default=641)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -59,7 +62,7 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
-    model, config = build("max_deeplab_s", args.crop)
+    model, config = build(args.variant, args.crop)
     info = dataset.MAP_NAME_TO_DATASET_INFO["coco_panoptic"]
     loss = loss_builder.DeepLabFamilyLoss(
         config.trainer_options.loss_options,

@@ -1,10 +1,11 @@
 """`maxdeeplab bench train`: the step rate inside a 1-worker Ray TorchTrainer vs a plain loop.
 
 Both sides run the same code (`timed_steps`: the synthetic loader, the model,
-`loop.step_once`) with the same thread count, in the same invocation; only the process differs:
-this one, or a Ray Train worker actor. The plain loop runs before and after the Ray run and the
-faster of the two is the reference (conservative when the machine's load drifts). Goal: Ray >=
-0.95x the plain loop. Warm-up steps (allocator, oneDNN kernel selection) are not timed.
+`step.step_once`) with the same thread count, on the same device (CPU, or one GPU with `--gpu`), in
+the same invocation; only the process differs: this one, or a Ray Train worker actor. The plain
+loop runs before and after the Ray run and the faster of the two is the reference (conservative
+when the machine's load drifts). Goal: Ray >= 0.95x the plain loop. Warm-up steps (allocator,
+oneDNN kernel selection) are not timed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--work-dir", default="runs/bench", help="synthetic data cache")
     parser.add_argument("--address", default=None, help="an existing Ray cluster")
+    parser.add_argument("--gpu", action="store_true", help="both sides on one GPU")
+    parser.add_argument("--data-workers", type=int, default=0, help="loader processes (0)")
 
 
 def bench_experiment(args: argparse.Namespace) -> ExperimentConfig:
@@ -45,15 +48,18 @@ def bench_experiment(args: argparse.Namespace) -> ExperimentConfig:
             f"data.crop_size={args.crop}",
             f"train.batch_size={args.batch}",
             f"train.steps={args.warmup + args.steps}",
-            "data.num_workers=0",
+            f"data.num_workers={args.data_workers}",
             f"work_dir={os.path.abspath(args.work_dir)}",
             f"resources.cpus_per_worker={args.threads}",
         ],
     )
 
 
-def plain_loop(cfg: ExperimentConfig) -> tuple[Any, Any, Any, Callable[[int], None]]:
-    """A model, its optimiser, the batch stream and `step(i)`: the loop without Ray, on CPU."""
+def plain_loop(
+    cfg: ExperimentConfig, device: Any = None
+) -> tuple[Any, Any, Any, Callable[[int], None]]:
+    """A model, its optimiser, the batch stream and `step(i)`: the loop without Ray, on `device`
+    (default CPU)."""
     import torch
 
     from maxdeeplab.models.network import build_model, parameter_groups
@@ -65,8 +71,9 @@ def plain_loop(cfg: ExperimentConfig) -> tuple[Any, Any, Any, Callable[[int], No
     train_set = build_train_dataset(cfg.data, cfg.loss, cache_dir=cache_dir(cfg), seed=cfg.seed)
     info = train_set.split.info
     cfg = replace(cfg, model=replace(cfg.model, num_classes=info.num_classes))
+    device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(*parameter_groups(model), cfg.optim)
     batches = iterate_from(build_loader(train_set, batch_size=cfg.train.batch_size), 0)
 
@@ -80,23 +87,33 @@ def plain_loop(cfg: ExperimentConfig) -> tuple[Any, Any, Any, Callable[[int], No
             rank=0,
             cfg=cfg,
             num_thing_classes=info.num_thing_classes,
-            device=torch.device("cpu"),
+            device=device,
         )
 
     return model, optimizer, batches, step
 
 
-def timed_steps(cfg: ExperimentConfig, *, steps: int, warmup: int, threads: int) -> float:
+def timed_steps(
+    cfg: ExperimentConfig, *, steps: int, warmup: int, threads: int, device: Any = None
+) -> float:
     """Training steps per second over `steps` steps after `warmup` untimed ones."""
     import torch
 
     torch.set_num_threads(threads)
-    _, _, _, step = plain_loop(cfg)
+    device = device or torch.device("cpu")
+    _, _, _, step = plain_loop(cfg, device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     start = 0.0
     for index in range(warmup + steps):
         if index == warmup:
+            sync()
             start = time.perf_counter()
         step(index)
+    sync()
     return steps / (time.perf_counter() - start)
 
 
@@ -104,9 +121,14 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import tempfile
 
     import ray.train
+    import ray.train.torch
 
     rate = timed_steps(
-        config["cfg"], steps=config["steps"], warmup=config["warmup"], threads=config["threads"]
+        config["cfg"],
+        steps=config["steps"],
+        warmup=config["warmup"],
+        threads=config["threads"],
+        device=ray.train.torch.get_device(),
     )
     with tempfile.TemporaryDirectory() as directory:
         # Result.metrics holds the last report that carried a checkpoint
@@ -128,7 +150,11 @@ def ray_steps_per_s(cfg: ExperimentConfig, args: argparse.Namespace) -> float:
             "warmup": args.warmup,
             "threads": args.threads,
         },
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.threads}),
+        scaling_config=ScalingConfig(
+            num_workers=1,
+            use_gpu=args.gpu,
+            resources_per_worker={"CPU": args.threads},
+        ),
         run_config=RunConfig(
             name=f"bench-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=os.path.join(cfg.work_dir, "ray"),
@@ -139,16 +165,24 @@ def ray_steps_per_s(cfg: ExperimentConfig, args: argparse.Namespace) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    race(args)
+    return 0
+
+
+def race(args: argparse.Namespace) -> dict[str, float]:
+    """The plain loop, Ray Train, the plain loop again: steps/s of each, and Ray / plain."""
     import ray
+    import torch
 
     from maxdeeplab.platform.training.launch import prepare_experiment, start_ray
 
     cfg = prepare_experiment(bench_experiment(args))  # generates the synthetic set once
+    device = torch.device("cuda" if args.gpu else "cpu")
     print(
         f"bench train: {args.variant}, crop {args.crop}, batch {args.batch}, "
-        f"{args.steps} timed steps after {args.warmup}, {args.threads} threads"
+        f"{args.steps} timed steps after {args.warmup}, {args.threads} threads, {device}"
     )
-    kwargs = dict(steps=args.steps, warmup=args.warmup, threads=args.threads)
+    kwargs = dict(steps=args.steps, warmup=args.warmup, threads=args.threads, device=device)
     plain_before = timed_steps(cfg, **kwargs)
     print(f"  plain loop (before): {plain_before:7.3f} steps/s")
     if not ray.is_initialized():
@@ -160,7 +194,12 @@ def run(args: argparse.Namespace) -> int:
     # The faster plain run is the reference: conservative when the machine's load drifts.
     plain = max(plain_before, plain_after)
     ratio = in_ray / plain
+    print(f"  images/s: plain {plain * args.batch:.2f}, Ray {in_ray * args.batch:.2f}")
     verdict = "meets" if ratio >= GOAL else "misses"
     print(f"  ratio Ray / plain:   {ratio:7.3f}  ({verdict} the goal >= {GOAL})")
-    print(f"  images/s: plain {plain * args.batch:.2f}, Ray {in_ray * args.batch:.2f}")
-    return 0
+    return {
+        "plain_before_steps_per_s": plain_before,
+        "ray_steps_per_s": in_ray,
+        "plain_after_steps_per_s": plain_after,
+        "ratio": ratio,
+    }

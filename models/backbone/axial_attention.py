@@ -9,8 +9,9 @@ One 1-D layer attends along one axis of a B x C x H x W map, every other positio
 batch. Per head it sums three similarity terms (content q.k, query-RPE q.r_q, key-RPE k.r_k), each
 with its own BatchNorm statistics and *no* 1/sqrt(d) scaling (the BN replaces it), takes a global
 softmax over the axis, and retrieves two terms (content A.v and value-RPE A.r_v), again batch-normed
-separately, then summed. The layer works on NCHW directly: the height layer runs on the map, the
-width layer on its H/W transpose, so no fold/unfold copies are written by hand.
+separately, then summed. The height layer runs on the NCHW map, the width layer on its H/W
+transpose; q, k and v are each copied once into a (B W h) x L x d layout of which every batched
+product takes a view, so backward keeps one copy of each (and of the attention weights).
 """
 
 from __future__ import annotations
@@ -98,29 +99,40 @@ class AxialAttention1D(nn.Module):
                 f"{MAX_GLOBAL_LENGTH} (crops up to 2049 at stride 16)"
             )
         h, K, V = self.num_heads, self.key_depth, self.value_depth
-        qkv = self.qkv_bn(self.qkv(x))
-        q = qkv[:, :K].reshape(B, h, K // h, H, W)  # B x h x dk x L x W
-        k = qkv[:, K : 2 * K].reshape(B, h, K // h, H, W)
-        v = qkv[:, 2 * K :].reshape(B, h, V // h, H, W)
+        dk, dv = K // h, V // h
+        qkv = self.qkv_bn(self.qkv(x))  # B x (2K + V) x L x W
+
+        # One copy of q, k and v each, laid out (B W h) x L x d so that every product below takes
+        # a view of it (einsum would copy q and k twice and the weights three times, and backward
+        # keeps every copy: docs/benchmarks.md#where-the-memory-goes).
+        def per_head(channels: torch.Tensor, depth: int) -> torch.Tensor:
+            heads = channels.reshape(B, h, depth, H, W).permute(0, 4, 1, 3, 2)
+            return heads.reshape(B * W * h, H, depth)  # (B W h) x L x d
+
+        q, k, v = (
+            per_head(qkv[:, :K], dk),
+            per_head(qkv[:, K : 2 * K], dk),
+            per_head(qkv[:, 2 * K :], dv),
+        )
         rpe_q, rpe_k, rpe_v = self.query_rpe(H), self.key_rpe(H), self.value_rpe(H)  # L x L x d
+        content = torch.bmm(q, k.transpose(1, 2))  # (B W h) x L x L
+        # q.r_q for query l and key m is a product batched over l; k.r_k one batched over m.
+        query_term = torch.bmm(q.transpose(0, 1), rpe_q.transpose(1, 2)).transpose(0, 1)
+        key_term = torch.bmm(k.transpose(0, 1), rpe_k.permute(1, 2, 0)).permute(1, 2, 0)
         similarity = torch.stack(
-            [
-                torch.einsum("bhdlw,bhdmw->bwhlm", q, k),
-                torch.einsum("bhdlw,lmd->bwhlm", q, rpe_q),
-                torch.einsum("bhdmw,lmd->bwhlm", k, rpe_k),
-            ],
-            dim=2,
-        )  # B x W x 3 x h x L x L
+            [t.reshape(B * W, h, H, H) for t in (content, query_term, key_term)], dim=1
+        )  # (B W) x 3 x h x L x L
         similarity = self.similarity_bn(similarity.reshape(B * W, 3 * h, H, H))
-        weights = similarity.reshape(B, W, 3, h, H, H).sum(dim=2).softmax(dim=-1)
+        weights = similarity.reshape(B * W, 3, h, H, H).sum(dim=1).softmax(dim=-1)
+        weights = weights.reshape(B * W * h, H, H)
         retrieved = torch.stack(
             [
-                torch.einsum("bwhlm,bhdmw->bhdlw", weights, v),
-                torch.einsum("bwhlm,lmd->bhdlw", weights, rpe_v),
-            ],
-            dim=1,
-        )  # B x 2 x h x dv x L x W
-        retrieved = self.retrieved_bn(retrieved.reshape(B, 2 * V, H, W))
+                torch.bmm(weights, v),  # (B W h) x L x dv
+                torch.bmm(weights.transpose(0, 1), rpe_v).transpose(0, 1),
+            ]
+        )  # 2 x (B W h) x L x dv
+        retrieved = retrieved.reshape(2, B, W, h, H, dv).permute(1, 0, 3, 5, 4, 2)
+        retrieved = self.retrieved_bn(retrieved.reshape(B, 2 * V, H, W))  # B x 2 x h x dv x L x W
         return retrieved.reshape(B, 2, V, H, W).sum(dim=1)
 
 
