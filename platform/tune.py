@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from maxdeeplab.platform import tracking
+from maxdeeplab.platform import provenance, tracking
 from maxdeeplab.platform.config import ExperimentConfig, cache_dir, work_dir
 from maxdeeplab.platform.console import own_lines_only
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
@@ -219,6 +220,7 @@ def _tuner(sweep: Sweep, cfg: ExperimentConfig, directory: Location, parent_id: 
             sweep_path=str(sweep.path),
             work_root=str(work_dir(cfg)),
             parent_id=parent_id,
+            command=shlex.join(sys.argv),  # the sweep's, for its trials' provenance
         ),
         TRIAL_RESOURCES,
     )
@@ -259,12 +261,15 @@ def _tuner(sweep: Sweep, cfg: ExperimentConfig, directory: Location, parent_id: 
     )
 
 
-def run_trial(point: dict[str, Any], *, sweep_path: str, work_root: str, parent_id: str) -> None:
+def run_trial(
+    point: dict[str, Any], *, sweep_path: str, work_root: str, parent_id: str, command: str
+) -> None:
     """Tune's function trainable: one Ray Train run for one search point.
 
     The Train run is named `<sweep>-<trial id>`; `resume=None` continues it (and its MLflow child
     run, whose id lives in the run directory) when a restored sweep restarts the trial. The MLflow
-    run and the console lines are named by what the trial tries (`sweep_config.trial_name`).
+    run and the console lines are named by what the trial tries (`sweep_config.trial_name`);
+    the run's command is the sweep's (`command`), not the Ray worker process's.
     """
     from maxdeeplab.platform.training.progress import CONSOLE_MARKER
 
@@ -286,7 +291,7 @@ def run_trial(point: dict[str, Any], *, sweep_path: str, work_root: str, parent_
             callbacks=[EvalReportCallback()],
             preflight=False,  # the sweep's driver checked
             console_prefix=f"[{name}]",
-            mlflow_tags=trial_tags(sweep, point, trial_id),
+            mlflow_tags={**trial_tags(sweep, point, trial_id), provenance.COMMAND_TAG: command},
         )
     except Exception as exc:
         print(f"{CONSOLE_MARKER} [{name}] failed: {failure_cause(exc)}", flush=True)

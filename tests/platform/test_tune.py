@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from maxdeeplab.dashboards.plots import trial_label
-from maxdeeplab.platform import tracking
+from maxdeeplab.platform import provenance, tracking
 from maxdeeplab.platform.errors import ConfigError, MaXDeepLabError
 from maxdeeplab.platform.sweep_config import load_sweep
 from maxdeeplab.platform.sweep_dirs import DEFINITION_FILE, choose_sweep_dir, sweep_definition
@@ -134,6 +134,10 @@ def test_sweep_stopped_by_sigterm_resumes_and_an_edited_one_needs_fresh(
         assert child.data.params["model.drop_path_schedule"] == value
         assert (tmp_path / "work" / "ray" / f"study-{tags[tracking.TRIAL_ID_TAG]}").is_dir()
     assert {trial_label(c) for c in children} == names == {s.name for s in summaries}
+    # provenance: the command that ran the sweep, not the Ray worker process running the trial
+    commands = [c.data.tags[provenance.COMMAND_TAG] for c in children]
+    assert not any("default_worker" in c for c in commands), commands
+    assert any(f"sweep {path}" in c for c in commands), commands
     assert all(name in result.table for name in names)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.data.params["model.drop_path_schedule"] for c in children} == {"linear", "constant"}
