@@ -43,6 +43,7 @@ SMOKE = {
     "compile_backend": "eager",
     "pq_images": 3,
     "ray_steps": 2,
+    "ray_images": 4,
 }
 
 
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--pq-images", type=int, default=50, help="PQ maps timed (default 50)")
     parser.add_argument("--ray-steps", type=int, default=10, help="Ray section timed steps")
+    parser.add_argument("--ray-images", type=int, default=200, help="Ray section's synthetic set")
     parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Train section")
     parser.add_argument("--skip-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--work-dir", default="runs/bench", help="synthetic data for Ray")
@@ -98,18 +100,35 @@ def run(args: argparse.Namespace) -> int:
     record("channels_last", {"off": plain, "ratio": first["images_per_s"] / plain["images_per_s"]})
     record("pq", time_pq_accumulator(args, device))
     if not args.skip_ray:
-        record("ray", ray_race(args))
+        record("ray", _or_error(lambda: ray_race(args)))
     if not args.skip_compile:
-        compiled = time_train_step(
-            args, device, args.batches[0], channels_last=True, compile_backend=args.compile_backend
-        )
-        _print_row(f"compiled ({args.compile_backend})", compiled)
-        ratio = compiled["images_per_s"] / first["images_per_s"]
-        record("compile", compiled | {"ratio": ratio})
+
+        def compiled() -> dict[str, Any]:
+            row = time_train_step(
+                args,
+                device,
+                args.batches[0],
+                channels_last=True,
+                compile_backend=args.compile_backend,
+            )
+            _print_row(f"compiled ({args.compile_backend})", row)
+            return row | {"ratio": row["images_per_s"] / first["images_per_s"]}
+
+        record("compile", _or_error(compiled))
     print(f"  wrote {args.json} in {results['wall_s']:.0f} s")
     ratio = results["train"]["ratio_to_goal"]
     print(f"  ratio train images/s / goal {GOAL_IMAGES_PER_S:g}: {ratio:.3f}")
     return 0
+
+
+def _or_error(section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The section's numbers, or {"error": one line} when it fails: a finding, not a crash."""
+    try:
+        return section()
+    except Exception as exc:  # any failure of the section is its result
+        line = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        print(f"  failed: {line}", flush=True)
+        return {"error": line}
 
 
 def _print_row(name: str, row: dict[str, float]) -> None:
@@ -227,13 +246,19 @@ def time_pq_accumulator(args: argparse.Namespace, device: Any) -> dict[str, floa
     categories = [{"id": c, "isthing": int(c <= 80)} for c in range(1, 134)]
     maps = [_segment_map(rng) for _ in range(2 * args.pq_images)]
     pairs = list(zip(maps[::2], maps[1::2], strict=True))
+    # On the device before timing, as post-processing leaves them during evaluation.
+    on_device = [
+        (torch.from_numpy(gt).to(device), torch.from_numpy(pred).to(device))
+        for (gt, _), (pred, _) in pairs
+    ]
 
-    def seconds(on_device: bool) -> float:
+    def seconds(use_device: bool) -> float:
         accumulator = PQAccumulator(categories)
+        _sync(device)
         start = time.perf_counter()
-        for (gt, gt_segments), (pred, pred_segments) in pairs:
-            if on_device:
-                gt, pred = torch.from_numpy(gt).to(device), torch.from_numpy(pred).to(device)
+        for index, ((gt, gt_segments), (pred, pred_segments)) in enumerate(pairs):
+            if use_device:
+                gt, pred = on_device[index]
             accumulator.update(pred, pred_segments, gt, gt_segments)
         _sync(device)
         return (time.perf_counter() - start) / len(pairs)
@@ -280,6 +305,7 @@ def ray_race(args: argparse.Namespace) -> dict[str, float]:
     argv = ["--variant", args.variant, "--crop", str(args.crop), "--batch", str(args.batches[0])]
     argv += ["--steps", str(args.ray_steps), "--warmup", str(args.warmup)]
     argv += ["--work-dir", args.work_dir, "--threads", str(min(os.cpu_count() or 1, 8))]
+    argv += ["--synthetic-train", str(args.ray_images)]
     if args.device != "cpu":
         argv += ["--gpu", "--data-workers", "4"]
     return train.race(parser.parse_args(argv))

@@ -74,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
         return _child(args)
     device = _device(args.device)
     against = args.against or []
-    if "deeplab2" in against and device != "cpu":
-        raise ConfigError("--against deeplab2: the reference environment is CPU-only; --device cpu")
+    if "deeplab2" in against:
+        if device != "cpu":
+            raise ConfigError("--against deeplab2: its environment is CPU-only; use --device cpu")
+        deeplab2_python(args.env)  # before minutes of our side
     what = "peak RSS" if device == "cpu" else "CUDA max allocated"
     print(
         f"bench memory: {args.variant} crop {args.crop} batch {args.batch}, {args.steps} steps, "
@@ -152,17 +154,27 @@ def measure_ours(args: argparse.Namespace, device: str, *, checkpointing: bool) 
     return report
 
 
-def measure_deeplab2(args: argparse.Namespace) -> dict[str, Any]:
-    """deeplab2's training step (its first step traces the tf.function) in its environment."""
+def deeplab2_python(env: str) -> Path:
+    """The reference environment's interpreter.
+
+    Raises:
+        ConfigError: `env` is not an environment built by scripts/deeplab2_env.sh.
+    """
     from maxdeeplab.platform.errors import ConfigError
 
-    env_dir = Path(args.env)
-    python = env_dir / "venv" / "bin" / "python"
-    if not args.env or not python.is_file() or not (env_dir / "src" / "deeplab2").is_dir():
+    python = Path(env) / "venv" / "bin" / "python"
+    if not env or not python.is_file() or not (Path(env) / "src" / "deeplab2").is_dir():
         raise ConfigError(
-            f"--env {args.env!r}: not a deeplab2 reference environment (no venv/bin/python and "
+            f"--env {env!r}: not a deeplab2 reference environment (no venv/bin/python and "
             "src/deeplab2); build one with scripts/deeplab2_env.sh and pass it or set DEEPLAB2_ENV"
         )
+    return python
+
+
+def measure_deeplab2(args: argparse.Namespace) -> dict[str, Any]:
+    """deeplab2's training step (its first step traces the tf.function) in its environment."""
+    python = deeplab2_python(args.env)
+    env_dir = Path(args.env)
     env = dict(os.environ, PYTHONPATH=str(env_dir / "src"))
     env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     argv = [str(python), str(DEEPLAB2_SCRIPT), "--variant", args.variant, "--crop", str(args.crop)]

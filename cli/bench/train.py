@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (= worker CPUs)"
     )
     parser.add_argument("--work-dir", default="runs/bench", help="synthetic data cache")
+    parser.add_argument("--synthetic-train", type=int, default=200, help="synthetic images (200)")
     parser.add_argument("--address", default=None, help="an existing Ray cluster")
     parser.add_argument("--gpu", action="store_true", help="both sides on one GPU")
     parser.add_argument("--data-workers", type=int, default=0, help="loader processes (0)")
@@ -50,6 +51,8 @@ def bench_experiment(args: argparse.Namespace) -> ExperimentConfig:
             f"train.steps={args.warmup + args.steps}",
             f"data.num_workers={args.data_workers}",
             f"work_dir={os.path.abspath(args.work_dir)}",
+            f"data.synthetic_train={args.synthetic_train}",
+            "data.synthetic_val=1",  # never evaluated
             f"resources.cpus_per_worker={args.threads}",
         ],
     )
@@ -75,7 +78,10 @@ def plain_loop(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(*parameter_groups(model), cfg.optim)
-    batches = iterate_from(build_loader(train_set, batch_size=cfg.train.batch_size), 0)
+    loader = build_loader(
+        train_set, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers
+    )
+    batches = iterate_from(loader, 0)
 
     def step(index: int) -> None:
         step_once(
