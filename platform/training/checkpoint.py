@@ -38,6 +38,12 @@ STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"  # the weights alone, for `predict` and the MLflow artifact
 MANIFEST_FILE = "manifest.json"  # written last: a checkpoint without it is incomplete
 FORMAT_VERSION = 1
+
+
+class IncompleteCheckpoint(CheckpointError):
+    """A checkpoint folder without its manifest or one of its files: never finished."""
+
+
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:-r(\d+))?$")
 
 
@@ -181,14 +187,15 @@ def verify_checkpoint(location: Location, *, hashes: bool = True) -> None:
         manifest = json.loads(manifest_file.read_text())
         files = manifest["files"]
     except FileNotFoundError:
-        raise CheckpointError(f"{location}: incomplete (no {MANIFEST_FILE})") from None
+        raise IncompleteCheckpoint(f"{location}: incomplete (no {MANIFEST_FILE})") from None
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{manifest_file}: unreadable manifest") from None
     for name, expected in files.items():
         size = (location / name).size()
+        if size < 0:  # e.g. an upload cut short (Ray copies the files one by one)
+            raise IncompleteCheckpoint(f"{location / name}: missing")
         if size != expected["bytes"]:
-            found = "missing" if size < 0 else f"{size} bytes, expected {expected['bytes']}"
-            raise CheckpointError(f"{location / name}: {found}")
+            raise CheckpointError(f"{location / name}: {size} bytes, expected {expected['bytes']}")
         if (
             hashes
             and hashlib.sha256((location / name).read_bytes()).hexdigest() != expected["sha256"]
@@ -204,7 +211,9 @@ def latest_good_checkpoint(
     Every newer one that fails is passed to `report` as a one-line message with its path.
 
     Raises:
-        CheckpointError: the run has checkpoints but none of them is intact.
+        CheckpointError: the run has checkpoints but none of them is intact (folders that are
+            only incomplete, uploads cut short that Ray Train never registered, do not count:
+            without any other the run starts from step 0).
     """
     stored = stored_checkpoints(run_dir)
     problems = []
@@ -212,12 +221,13 @@ def latest_good_checkpoint(
         try:
             verify_checkpoint(location, hashes=hashes)
         except CheckpointError as exc:
-            problems.append(str(exc))
+            if not isinstance(exc, IncompleteCheckpoint):
+                problems.append(str(exc))
             if report is not None:
                 report(f"skipping a corrupt checkpoint: {exc}")
             continue
         return location
-    if stored:
+    if problems:
         raise CheckpointError(
             f"none of the {len(stored)} checkpoints in {run_dir} is intact ({problems[0]}); "
             "start a new run, or restore a checkpoint folder from a backup"

@@ -46,7 +46,11 @@ def test_census_charges_saved_tensors_to_module_groups() -> None:
         totals.append(dict(census.bytes))
     report = census.report(model)
     census.remove()
-    assert totals[0] == totals[1]
+    # The network's part is the same each time; the criterion's varies by a few bytes with the
+    # matching (how many masks it pairs depends on the model's state after the first pass's BN).
+    network = [{k: v for k, v in t.items() if k != LOSS_GROUP} for t in totals]
+    assert network[0] == network[1]
+    assert totals[0][LOSS_GROUP] == pytest.approx(totals[1][LOSS_GROUP], rel=0.01)
     # The first stem conv saves the normalised image; the criterion saves its own tensors.
     assert census.bytes["stem"] >= 3 * 65 * 65 * 4 and census.bytes[LOSS_GROUP] > 0
     params = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -105,6 +105,9 @@ def test_no_intact_checkpoint_is_one_error_naming_the_run(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match=r"none of the 1 checkpoints in .* is intact"):
         latest_good_checkpoint(Location.parse(tmp_path))
     assert latest_good_checkpoint(Location.parse(tmp_path / "absent")) is None
+    # Only an incomplete folder (an upload cut short, never registered): start from step 0.
+    (tmp_path / "checkpoint_000000002" / STATE_FILE).unlink()
+    assert latest_good_checkpoint(Location.parse(tmp_path)) is None
 
 
 class _Touch:
